@@ -1,0 +1,77 @@
+"""Every option the backend understands, in one typed place.
+
+Options reach the backend through ``torch.compile(..., options={...})``. Ours carry the
+``chronicals.`` prefix; everything else is handed to Inductor untouched, because
+``torch._inductor.config.patch`` rejects keys it does not know.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Literal
+
+PREFIX = "chronicals."
+
+#: Pattern names, as reported by ``explain`` and accepted by ``disable``.
+PATTERNS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask")
+
+LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    #: Pattern names to leave to Inductor.
+    disable: frozenset[str] = frozenset()
+    #: What happens to a logits graph output once lm_head + CE is fused.
+    #: ``auto`` = ``drop`` when training (grad enabled, labels present), ``keep`` otherwise.
+    logits: LogitsPolicy = "auto"
+    #: Who compiles the rewritten graph: ``inductor`` (default), ``aot_eager`` (AOTAutograd
+    #: without code generation: fast CPU tests of the passes) or ``eager`` (debugging).
+    compiler: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    #: An Inductor mode (``max-autotune``, ``reduce-overhead``...). Lives here because
+    #: torch.compile refuses ``mode`` and ``options`` together.
+    mode: str | None = None
+
+    def enabled(self, pattern: str) -> bool:
+        return pattern not in self.disable
+
+
+def split_options(options: dict[str, Any] | None) -> tuple[Options, dict[str, Any]]:
+    """Separate our ``chronicals.*`` keys from Inductor's, validating ours by name."""
+    ours: dict[str, Any] = {}
+    inductor: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if key.startswith(PREFIX):
+            ours[key[len(PREFIX):]] = value
+        else:
+            inductor[key] = value
+    return make_options(**ours), inductor
+
+
+def make_options(**kwargs: Any) -> Options:
+    fields = {f.name for f in dataclasses.fields(Options)}
+    unknown = set(kwargs) - fields
+    if unknown:
+        raise ValueError(
+            f"unknown chronicals option(s) {sorted(unknown)}; known: {sorted(fields)}"
+        )
+    if "disable" in kwargs:
+        disable = kwargs["disable"]
+        if isinstance(disable, str):
+            disable = [disable]
+        disable = frozenset(_check_patterns(disable))
+        kwargs["disable"] = disable
+    if "logits" in kwargs and kwargs["logits"] not in ("auto", "drop", "detach", "keep"):
+        raise ValueError(
+            f"chronicals.logits must be one of auto, drop, detach, keep; got {kwargs['logits']!r}"
+        )
+    if kwargs.get("compiler", "inductor") not in ("inductor", "aot_eager", "eager"):
+        raise ValueError(f"chronicals.compiler must be inductor, aot_eager or eager; got {kwargs['compiler']!r}")
+    return Options(**kwargs)
+
+
+def _check_patterns(names: Iterable[str]) -> list[str]:
+    names = list(names)
+    bad = [n for n in names if n not in PATTERNS]
+    if bad:
+        raise ValueError(f"unknown pattern name(s) {bad} in chronicals.disable; known: {list(PATTERNS)}")
+    return names

@@ -1,0 +1,108 @@
+"""RMSNorm forward and backward in Triton, with the Llama cast order.
+
+``out = weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``: the normalised
+value is rounded to ``x.dtype`` before the weight multiplies it, exactly as transformers does,
+so the fused result matches the unfused graph bit for bit in spirit and within rounding in fact.
+
+Backward saves nothing: ``rstd`` is recomputed from ``x``, which backward reads anyway, so a
+saved ``rstd`` would only add a write and a read. The weight gradient is reduced per program
+into fp32 partial rows, then summed once by torch: no atomics, deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_fwd(X, W, Y, stride_x, stride_y, M, N, eps,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    y = w[None, :] * normed
+    tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd(DY, X, W, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, eps, ROWS_PER_PROGRAM,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first = pid * ROWS_PER_PROGRAM
+    for start in range(first, first + ROWS_PER_PROGRAM, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = (rows < M) & (rows < first + ROWS_PER_PROGRAM)
+        mask = row_ok[:, None] & col_ok[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        xhat = x * rstd[:, None]
+        dw_acc += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+        g = dy * w[None, :]
+        dot = tl.sum(g * xhat, axis=1) / N
+        dx = rstd[:, None] * (g - xhat * dot[:, None])
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+
+
+def _block_sizes(n: int) -> tuple[int, int, int]:
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(16, 4096 // block_n))
+    num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
+    return block_m, block_n, num_warps
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    n = x.shape[-1]
+    x2 = _rows(x)
+    m = x2.shape[0]
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m:
+        block_m, block_n, num_warps = _block_sizes(n)
+        _rms_norm_fwd[(triton.cdiv(m, block_m),)](
+            x2, weight.contiguous(), y, x2.stride(0), y.stride(0), m, n, float(eps),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y.view(x.shape)
+
+
+def _num_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    x2 = _rows(x)
+    dy = _rows(grad_out)
+    m = x2.shape[0]
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_m, block_n, num_warps = _block_sizes(n)
+    programs = max(1, min(_num_programs(x.device), triton.cdiv(m, block_m)))
+    rows_per_program = triton.cdiv(max(m, 1), programs)
+    partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd[(programs,)](
+        dy, x2, weight.contiguous(), dx, partial, dy.stride(0), x2.stride(0), dx.stride(0),
+        m, n, float(eps), rows_per_program,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return dx.view(x.shape), partial.sum(0).to(weight.dtype)

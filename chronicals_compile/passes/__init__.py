@@ -1,0 +1,114 @@
+"""FX graph rewrites, one module per pattern, and the driver that runs them safely.
+
+Each pattern module exposes ``NAME``, ``is_anchor(node)``, ``match(node)`` (raises ``NoMatch``
+with a reason) and ``rewrite(gm, found, ctx)``. The driver owns everything else: recursion into
+gradient-checkpointing bodies, reporting, and the rule that a failing pass never fails a compile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .. import report
+from ..config import Options
+from .graph_utils import NoMatch, describe
+
+log = logging.getLogger("chronicals_compile")
+
+#: Order matters: later passes see the earlier ones' ops (e.g. CE after norms).
+PASS_MODULES = ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask")
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a rewrite may need beyond the graph: options, grad mode, the example inputs."""
+
+    options: Options
+    example_inputs: Sequence[Any]
+    root: fx.GraphModule
+    grad_enabled: bool = dataclasses.field(default_factory=torch.is_grad_enabled)
+
+    def swap(self, pattern: str, where: str) -> None:
+        report.record_swap(pattern, where)
+
+    def fallback(self, pattern: str, where: str, reason: str) -> None:
+        report.record_fallback(pattern, where, reason)
+
+    def note(self, text: str) -> None:
+        report.record_note(text)
+
+    def example_for(self, node: fx.Node) -> Any:
+        """The example input behind a placeholder of the root graph (e.g. a lifted epsilon)."""
+        if node.op != "placeholder" or node.graph is not self.root.graph:
+            return None
+        placeholders = [n for n in self.root.graph.nodes if n.op == "placeholder"]
+        index = placeholders.index(node)
+        return self.example_inputs[index] if index < len(self.example_inputs) else None
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"{__name__}.{name}":
+            return None  # pattern not written yet
+        raise
+
+
+def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The root and every nested body (checkpointed layers live in ``wrap_body_*``)."""
+    return [m for m in gm.modules() if isinstance(m, fx.GraphModule)]
+
+
+def run_pattern(module, gm: fx.GraphModule, ctx: PassContext) -> None:
+    for node in list(gm.graph.nodes):
+        if getattr(node, "_erased", False) or not module.is_anchor(node):
+            continue
+        try:
+            found = module.match(node, ctx)
+        except NoMatch as reason:
+            ctx.fallback(module.NAME, describe(node), str(reason))
+            continue
+        except Exception as err:  # noqa: BLE001 - a matcher bug must not fail the compile
+            log.debug("chronicals: %s matcher raised", module.NAME, exc_info=True)
+            ctx.fallback(module.NAME, describe(node), f"matcher error: {err!r}")
+            continue
+        fused = module.rewrite(gm, found, ctx)
+        ctx.swap(module.NAME, describe(fused))
+
+
+def _snapshot(gm: fx.GraphModule) -> fx.Graph:
+    copy = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    out = copy.graph_copy(gm.graph, {})
+    copy.output(out)
+    return copy
+
+
+def run_passes(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> None:
+    """Rewrite ``gm`` in place; on any rewrite failure restore every graph as it was."""
+    from .. import ops  # noqa: F401 - registers torch.ops.chronicals.*
+
+    ctx = PassContext(options, example_inputs, gm)
+    modules = _graph_modules(gm)
+    saved = {m: _snapshot(m) for m in modules}
+    try:
+        for name in PASS_MODULES:
+            module = _load(name)
+            if module is None or not options.enabled(name):
+                continue
+            for m in modules:
+                run_pattern(module, m, ctx)
+        for m in modules:
+            m.graph.lint()
+            m.recompile()
+    except Exception as err:  # noqa: BLE001
+        log.warning("chronicals: a rewrite failed (%r); compiling the graph unchanged", err, exc_info=True)
+        for m, graph in saved.items():
+            m.graph = graph
+            m.recompile()
+        ctx.note(f"rewrites abandoned after an internal error: {err!r}")
