@@ -14,9 +14,16 @@ the other ``AttentionInterface`` models without patching any of them.
   documents). Only tensor ops: no ``.item()``, no ``nonzero``, so it traces
   with ``fullgraph=True``.
 
-The name is deliberately *not* registered in ``AttentionMaskInterface``: then
-``create_causal_mask`` exits early and no dense ``[B, 1, S, S]`` mask is built
-in the model; whatever mask is needed is derived here from the metadata.
+The companion ``AttentionMaskInterface`` entry (``chronicals_padding_mask``)
+hands attention only the 2-D padding mask, or ``None``, for cache-free calls
+(training, prefill): no dense ``[B, 1, S, S]`` mask is built in the model and
+the block structure is derived here from the metadata. With a KV cache
+(decoding) it defers to transformers' ``sdpa_mask``, whose offsets and static
+cache handling we reuse rather than re-derive. The entry must exist: without
+one transformers drops the user's padding mask before attention runs, which
+would silently break left-padded batches. Cost: in eager mode transformers'
+packed-sequence probe does one small host sync per forward (as it does for
+its own sdpa and flash paths); under torch.compile it does none.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ ATTN_IMPLEMENTATION = "chronicals_varlen"
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "chronicals_varlen_attention",
+    "chronicals_padding_mask",
     "register_packed_attention",
     "enable_packed_attention",
     "warn_if_cache_in_training",
@@ -237,11 +245,44 @@ def chronicals_varlen_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def chronicals_padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: Any = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers mask function: the 2-D padding mask for cache-free calls, sdpa's 4-D mask otherwise."""
+    cache_free = (
+        isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0
+        and q_length == kv_length
+    )
+    if cache_free:
+        if attention_mask is None:
+            return None
+        return attention_mask[:, :kv_length].bool()
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+
+
 def register_packed_attention() -> str:
-    """Register ``"chronicals_varlen"`` with transformers (idempotent) and return the name."""
+    """Register ``"chronicals_varlen"`` (attention and mask function) with transformers; idempotent."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, chronicals_varlen_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, chronicals_padding_mask)
     return ATTN_IMPLEMENTATION
 
 

@@ -1,0 +1,67 @@
+"""Tiny random causal LMs and documents shared by the runtime tests (no hub access needed)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from chronicals_compile.runtime import enable_packed_attention
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+VOCAB = 128
+
+
+def tiny_model(family: str, *, packed: bool = True, seed: int = 0, **overrides) -> torch.nn.Module:
+    """hidden 64, 2 layers, 4 heads, 2 kv heads (GQA), vocab 128, fp32, random weights."""
+    config_cls, model_cls = FAMILIES[family]
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).float()
+    # Random init gives tiny logits; a larger lm_head makes losses and their gradients less uniform.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    if packed:
+        enable_packed_attention(model)
+    else:
+        model.set_attn_implementation("sdpa")
+    return model.train()
+
+
+def random_docs(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def doc_spans(batch: dict) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every non-padding segment, from the collator's cu_seq_lens and labels."""
+    cu = batch["cu_seq_lens_q"].tolist()
+    width = batch["input_ids"].shape[1]
+    spans = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        row, start = divmod(a, width)
+        spans.append((row, start, start + (b - a)))
+    return spans
