@@ -69,6 +69,9 @@ def explain(model: torch.nn.Module, *args: Any, options: dict[str, Any] | None =
         compiled = torch.compile(model, backend=backend, dynamic=dynamic,
                                  options=backend_options or None, **compile_kwargs)
         report.output = compiled(*args, **kwargs)
+    if report.graphs == 0:
+        report.notes.append("no graph was compiled by this call: Dynamo reused a cached graph or hit "
+                            "torch._dynamo.config.recompile_limit (torch._dynamo.reset() clears both)")
     return report
 
 
