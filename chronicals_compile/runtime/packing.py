@@ -104,6 +104,11 @@ def _as_int_array(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr
 
 
+def _check_overflow(overflow: str) -> None:
+    if overflow not in ("split", "truncate", "error"):
+        raise ValueError(f"overflow must be 'split', 'truncate' or 'error', got {overflow!r}")
+
+
 def _check_capacity(capacity: int) -> int:
     if isinstance(capacity, bool) or int(capacity) != capacity or capacity <= 0:
         raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
@@ -122,8 +127,7 @@ def split_into_pieces(
     """
     capacity = _check_capacity(capacity)
     arr = _as_int_array(lengths)
-    if overflow not in ("split", "truncate", "error"):
-        raise ValueError(f"overflow must be 'split', 'truncate' or 'error', got {overflow!r}")
+    _check_overflow(overflow)
     too_long = np.flatnonzero(arr > capacity)
     if too_long.size and overflow == "error":
         shown = ", ".join(f"#{i} ({arr[i]} tokens)" for i in too_long[:5].tolist())
@@ -168,6 +172,7 @@ def pack_bfd(
     """
     capacity = _check_capacity(capacity)
     arr = _as_int_array(lengths)
+    _check_overflow(overflow)
     if overflow == "error" and (arr > capacity).any():
         split_into_pieces(arr, capacity, "error")  # raises with the offending indices
     item_len = _piece_lengths(arr, capacity, overflow)
