@@ -1,0 +1,151 @@
+"""Rotary position embedding of q and k in one Triton launch, forward and backward.
+
+Semantics (transformers' ``apply_rotary_pos_emb`` with ``rotate_half``), per tensor ``x`` of
+shape ``[B, H, S, D]`` and ``cos``/``sin`` broadcastable to ``[B, 1, S, D]``, ``h = D // 2``::
+
+    out[..., :h] = x[..., :h] * cos[..., :h] - x[..., h:] * sin[..., :h]
+    out[..., h:] = x[..., h:] * cos[..., h:] + x[..., :h] * sin[..., h:]
+
+Backward is the transposed rotation (``rotate_half`` is orthogonal, its transpose is its inverse)::
+
+    dx[..., :h] = g[..., :h] * cos[..., :h] + g[..., h:] * sin[..., h:]
+    dx[..., h:] = g[..., h:] * cos[..., h:] - g[..., :h] * sin[..., :h]
+
+so forward and backward are the same kernel with the two sine terms swapped and negated: ``out1
+= x1*c1 + x2*A``, ``out2 = x2*c2 + x1*B`` with ``(A, B) = (-s1, s2)`` forward and ``(s2, -s1)``
+backward. Nothing is saved but cos and sin. cos/sin are not assumed to repeat across the two
+halves (HF's ``cat((freqs, freqs))`` does, other code need not).
+
+Every tensor is addressed through its four strides: Dynamo hands us q as
+``linear(...).view(B, S, H, D).transpose(1, 2)`` and k likewise (non-contiguous), cos/sin are
+broadcast over batch and heads (stride 0), partial-rotary slices have a row stride wider than
+the rotated width. No copies are made. Math is fp32, rounded once on store.
+
+Grid: axis 0 walks blocks of ``BLOCK_R`` (batch, position) rows; axis 1 walks head blocks of q,
+then head blocks of k, so one launch rotates both and each program loads its cos/sin rows once
+for ``BLOCK_H`` heads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_tile(X, O, b, s, row_ok, heads, H, half,
+                 sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, c2, sa, sb, BLOCK_D2: tl.constexpr):
+    """Rotate one [rows, heads, half] tile of X into O (c1, c2, sa, sb: fp32 [rows, 1, half])."""
+    cols = tl.arange(0, BLOCK_D2)
+    mask = row_ok[:, None, None] & (heads < H)[None, :, None] & (cols < half)[None, None, :]
+    x_off = (b * sxb + s * sxs)[:, None, None] + heads.to(tl.int64)[None, :, None] * sxh \
+        + cols.to(tl.int64)[None, None, :] * sxd
+    o_off = (b * sob + s * sos)[:, None, None] + heads.to(tl.int64)[None, :, None] * soh \
+        + cols.to(tl.int64)[None, None, :] * sod
+    x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + half * sxd, mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * c1 + x2 * sa
+    o2 = x2 * c2 + x1 * sb
+    tl.store(O + o_off, o1.to(O.dtype.element_ty), mask=mask)
+    tl.store(O + o_off + half * sod, o2.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(Q, K, QO, KO, COS, SIN,
+                 R, S, HQ, HK, half, n_q_blocks,
+                 sqb, sqh, sqs, sqd, skb, skh, sks, skd,
+                 sqob, sqoh, sqos, sqod, skob, skoh, skos, skod,
+                 scb, scs, scd, ssb, sss, ssd,
+                 BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                 BLOCK_HK: tl.constexpr, BLOCK_D2: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    b = rows // S
+    s = rows % S
+    cols = tl.arange(0, BLOCK_D2).to(tl.int64)
+    cmask = row_ok[:, None, None] & (cols < half)[None, None, :]
+    c_off = (b * scb + s * scs)[:, None, None] + cols[None, None, :] * scd
+    s_off = (b * ssb + s * sss)[:, None, None] + cols[None, None, :] * ssd
+    c1 = tl.load(COS + c_off, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + c_off + half * scd, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + s_off, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + s_off + half * ssd, mask=cmask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        sa = s2
+        sb = -s1
+    else:
+        sa = -s1
+        sb = s2
+    hb = tl.program_id(1)
+    if hb < n_q_blocks:
+        heads = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
+        _rotate_tile(Q, QO, b, s, row_ok, heads, HQ, half,
+                     sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod, c1, c2, sa, sb, BLOCK_D2)
+    else:
+        heads = (hb - n_q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK)
+        _rotate_tile(K, KO, b, s, row_ok, heads, HK, half,
+                     skb, skh, sks, skd, skob, skoh, skos, skod, c1, c2, sa, sb, BLOCK_D2)
+
+
+#: Elements per program per half-tile: enough to keep 16-byte accesses in flight, small
+#: enough to stay in registers. A first guess; tune on the device (benchmarks/bench_rope.py).
+_TILE = 2048
+
+
+def _blocks(hq: int, hk: int, half: int) -> tuple[int, int, int, int, int]:
+    block_d2 = max(2, triton.next_power_of_2(half))
+    cap = max(1, _TILE // block_d2)
+    block_hq = min(triton.next_power_of_2(hq), cap)
+    block_hk = min(triton.next_power_of_2(hk), cap)
+    block_r = max(1, min(16, _TILE // (block_hq * block_d2)))
+    warps = 4 if block_r * block_hq * block_d2 <= 2048 else 8
+    return block_r, block_hq, block_hk, block_d2, warps
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _cos_strides(c: torch.Tensor, b: int, s: int, d: int) -> tuple[int, int, int]:
+    e = c.expand(b, 1, s, d) if c.dim() <= 4 else c
+    return e.stride(0), e.stride(2), e.stride(3)
+
+
+def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                q_out: torch.Tensor, k_out: torch.Tensor, backward: bool) -> None:
+    """Rotate ``q`` into ``q_out`` and ``k`` into ``k_out`` (all ``[B, H, S, D]``, any strides)."""
+    bsz, hq, seq, dim = q.shape
+    hk = k.shape[1]
+    half = dim // 2
+    rows = bsz * seq
+    if rows == 0 or half == 0 or (hq == 0 and hk == 0):
+        return
+    block_r, block_hq, block_hk, block_d2, warps = _blocks(max(hq, 1), max(hk, 1), half)
+    n_q_blocks = triton.cdiv(hq, block_hq)
+    n_k_blocks = triton.cdiv(hk, block_hk)
+    grid = (triton.cdiv(rows, block_r), n_q_blocks + n_k_blocks)
+    _rope_kernel[grid](
+        q, k, q_out, k_out, cos, sin,
+        rows, seq, hq, hk, half, n_q_blocks,
+        *_strides4(q), *_strides4(k), *_strides4(q_out), *_strides4(k_out),
+        *_cos_strides(cos, bsz, seq, dim), *_cos_strides(sin, bsz, seq, dim),
+        BACKWARD=backward, BLOCK_R=block_r, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        BLOCK_D2=block_d2, num_warps=warps)
+
+
+def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated ``(q, k)``; each output keeps its input's memory layout, in the promoted dtype."""
+    q_out = torch.empty_like(q, dtype=torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype))
+    k_out = torch.empty_like(k, dtype=torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype))
+    rope_launch(q, k, cos, sin, q_out, k_out, backward=False)
+    return q_out, k_out
+
+
+def rope_backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dq, dk)`` in q's and k's dtypes, laid out like the incoming gradients."""
+    dq = torch.empty_like(dq_out, dtype=q_dtype)
+    dk = torch.empty_like(dk_out, dtype=k_dtype)
+    rope_launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
+    return dq, dk

@@ -1,0 +1,123 @@
+"""``chronicals::rope(q, k, cos, sin) -> (q_out, k_out)``: QK rotary embedding in one launch.
+
+``q`` is ``[B, Hq, S, D]`` and ``k`` is ``[B, Hk, S, D]`` (any strides; GQA: ``Hk`` may be
+smaller), ``cos``/``sin`` broadcast to ``[B, 1, S, D]``. Each output equals transformers'
+``x * cos + rotate_half(x) * sin`` with torch's type promotion: its dtype is
+``promote(x, cos, sin)`` (fp32 when cos/sin are fp32 and q is bf16), computed in fp32 and rounded
+once. Outputs keep their input's memory layout (``empty_like``), so the ``transpose`` views
+Dynamo records cost no copy on either side.
+
+Backward is ``chronicals::rope_backward``, the inverse rotation of the incoming gradients; it
+saves only cos and sin. cos/sin are not differentiated: the pass refuses matches where they
+require grad, and the autograd formula raises rather than return a wrong (zero) gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _out_dtype(x: torch.dtype, cos: torch.dtype, sin: torch.dtype) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x, cos), sin)
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype, backward: bool) -> Tensor:
+    c = _compute(torch.promote_types(_out_dtype(out_dtype, cos.dtype, sin.dtype), x.dtype))
+    xc, cc, sc = x.to(c), cos.to(c), sin.to(c)
+    h = x.shape[-1] // 2
+    if backward:  # transpose of rotate_half, applied to g * sin
+        gs = xc * sc
+        value = xc * cc + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
+    else:
+        value = xc * cc + torch.cat((-xc[..., h:], xc[..., :h]), dim=-1) * sc
+    out = torch.empty_like(x, dtype=out_dtype)
+    out.copy_(value)
+    return out
+
+
+def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return (_rotate(q, cos, sin, _out_dtype(q.dtype, cos.dtype, sin.dtype), False),
+            _rotate(k, cos, sin, _out_dtype(k.dtype, cos.dtype, sin.dtype), False))
+
+
+def rope_backward_reference(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+                            q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _rotate(dq_out, cos, sin, q_dtype, True), _rotate(dk_out, cos, sin, k_dtype, True)
+
+
+def _triton_ok(*tensors: Tensor) -> bool:
+    return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
+
+
+def _check_shapes(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "chronicals::rope: q and k must be 4-D [B, H, S, D]")
+    torch._check(q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2] and q.shape[3] == k.shape[3],
+                 lambda: "chronicals::rope: q and k differ in batch, length or head dim")
+    torch._check(q.shape[3] % 2 == 0, lambda: "chronicals::rope: head dim must be even")
+
+
+@torch.library.custom_op("chronicals::rope", mutates_args=())
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return rope_reference(q, k, cos, sin)
+
+
+@rope.register_kernel("cuda")
+def _rope_cuda(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if not _triton_ok(q, k, cos, sin):
+        return rope_reference(q, k, cos, sin)
+    from ..kernels.rope import rope_forward
+
+    return rope_forward(q, k, cos, sin)
+
+
+@rope.register_fake
+def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    _check_shapes(q, k, cos, sin)
+    return (torch.empty_like(q, dtype=_out_dtype(q.dtype, cos.dtype, sin.dtype)),
+            torch.empty_like(k, dtype=_out_dtype(k.dtype, cos.dtype, sin.dtype)))
+
+
+@torch.library.custom_op("chronicals::rope_backward", mutates_args=())
+def rope_backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+                  q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
+
+
+@rope_backward.register_kernel("cuda")
+def _rope_backward_cuda(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+                        q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if not _triton_ok(dq_out, dk_out, cos, sin) or torch.float64 in (q_dtype, k_dtype):
+        return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
+    from ..kernels.rope import rope_backward as launch
+
+    return launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
+
+
+@rope_backward.register_fake
+def _(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+      q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(dq_out, dtype=q_dtype), torch.empty_like(dk_out, dtype=k_dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.dtypes = (q.dtype, k.dtype)
+
+
+def _backward(ctx, dq_out: Tensor, dk_out: Tensor):
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise RuntimeError(
+            "chronicals::rope does not differentiate cos/sin; the rope pass should have refused "
+            "this match (cos/sin require grad). Disable it with chronicals.disable=['rope'].")
+    cos, sin = ctx.saved_tensors
+    dq, dk = rope_backward(dq_out, dk_out, cos, sin, *ctx.dtypes)
+    return (dq if ctx.needs_input_grad[0] else None,
+            dk if ctx.needs_input_grad[1] else None, None, None)
+
+
+rope.register_autograd(_backward, setup_context=_setup_context)

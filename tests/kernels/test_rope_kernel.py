@@ -1,0 +1,82 @@
+"""The QK-RoPE Triton kernel, interpreted on CPU, against float64 on q_out, k_out, dq and dk."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+
+from chronicals_compile.verify import rope as case
+from chronicals_compile.verify.tolerance import assert_all_ok, measure
+
+
+@given(case.cases())
+def test_matches_float64(params):
+    assert_all_ok(case.check(**params))
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_real_head_dims_with_gqa(head_dim):
+    for dtype, cos_dtype in ((torch.bfloat16, "same"), (torch.bfloat16, "float32"), (torch.float16, "same"),
+                             (torch.float32, "same")):
+        assert_all_ok(case.check(batch=2, seq=3, kv_heads=2, group=7, head_dim=head_dim, dtype=dtype,
+                                 cos_dtype=cos_dtype, layout="hf", seed=head_dim))
+
+
+def test_outputs_keep_the_input_layout():
+    """No hidden copies: q as Dynamo records it (a transposed view) comes back in the same layout."""
+    from chronicals_compile.kernels.rope import rope_forward
+
+    q, k, cos, sin, *_ = case.make_inputs(2, 5, 2, 2, 16, torch.float32, layout="hf")
+    q_out, k_out = rope_forward(q, k, cos, sin)
+    assert q_out.stride() == q.stride() and k_out.stride() == k.stride()
+
+
+def test_mixed_precision_promotes_like_torch():
+    """bf16 q with fp32 cos/sin: torch's q*cos is fp32, so ours must be fp32 too; grads are bf16."""
+    from chronicals_compile.kernels.rope import rope_backward, rope_forward
+
+    q, k, cos, sin, dq_out, dk_out = case.make_inputs(1, 4, 1, 2, 8, torch.bfloat16, cos_dtype="float32")
+    q_out, k_out = rope_forward(q, k, cos, sin)
+    ref_q, ref_k = case.torch_rope(q, k, cos, sin)
+    assert q_out.dtype == ref_q.dtype == torch.float32 and k_out.dtype == torch.float32
+    torch.testing.assert_close(q_out, ref_q)
+    dq, dk = rope_backward(dq_out, dk_out, cos, sin, q.dtype, k.dtype)
+    assert dq.dtype == dk.dtype == torch.bfloat16
+
+
+def test_op_gradcheck_float64():
+    """The registered autograd formula (CPU reference path) against finite differences."""
+    import chronicals_compile.ops  # noqa: F401
+
+    q, k, cos, sin, *_ = case.make_inputs(1, 3, 1, 2, 4, torch.float64, cos_kind="random")
+    q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.chronicals.rope(a, b, cos, sin), (q, k))
+
+
+def test_op_refuses_to_differentiate_cos():
+    import chronicals_compile.ops  # noqa: F401
+
+    q, k, cos, sin, *_ = case.make_inputs(1, 3, 1, 2, 4, torch.float32)
+    cos = cos.clone().requires_grad_(True)
+    q_out, k_out = torch.ops.chronicals.rope(q, k, cos, sin)
+    with pytest.raises(RuntimeError, match="cos/sin"):
+        (q_out.sum() + k_out.sum()).backward()
+
+
+def test_opcheck():
+    import chronicals_compile.ops  # noqa: F401
+
+    q, k, cos, sin, *_ = case.make_inputs(2, 3, 2, 2, 8, torch.bfloat16, cos_dtype="float32")
+    torch.library.opcheck(torch.ops.chronicals.rope.default,
+                          (q.detach().requires_grad_(True), k.detach().requires_grad_(True), cos, sin))
+
+
+def test_nan_and_inf_propagate_like_torch():
+    from chronicals_compile.kernels.rope import rope_forward
+
+    q, k, cos, sin, *_ = case.make_inputs(1, 4, 1, 2, 8, torch.float32)
+    q[0, 1, 2, 3], k[0, 0, 1, 6] = math.nan, math.inf
+    q_out, k_out = rope_forward(q, k, cos, sin)
+    ref_q, ref_k = case.torch_rope(q.double(), k.double(), cos.double(), sin.double())
+    assert torch.equal(torch.isnan(q_out), torch.isnan(ref_q))
+    assert measure("q_out", q_out, q_out, ref_q).ok and measure("k_out", k_out, k_out, ref_k).ok
