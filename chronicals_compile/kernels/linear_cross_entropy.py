@@ -1,0 +1,455 @@
+"""Cut cross-entropy in Triton: ``cross_entropy(f(h @ W.T), target)`` without an N x V logits tensor.
+
+``f`` is the optional logit transform transformers applies between lm_head and the loss:
+``z = scale * raw`` (logit scaling) and then ``z = softcap * tanh(z / softcap)`` (Gemma soft-cap).
+
+Two Triton kernels, both over tiles of tokens x vocab whose logits come from ``tl.dot`` over
+hidden-size chunks with fp32 accumulators:
+
+``_cce_fwd_kernel``
+    Each program owns BLOCK_N rows and a group of consecutive vocab tiles and keeps an online
+    log-sum-exp (running max ``m`` and rescaled sum ``s``), the target logit and, for label
+    smoothing, the sum of logits. It writes those four per-row statistics per vocab group
+    (``[groups, N]`` fp32, about ``N * V / (BLOCK_V * tiles_per_group)`` floats, never N x V);
+    torch merges the groups. With ``STORE_Z`` it also writes the transformed logits of a row
+    chunk (used by the gradient-in-forward mode below).
+
+``_cce_grad_kernel``
+    Produces ``G = dloss/draw_logits`` for a chunk of rows: recomputes the logit tile with
+    ``tl.dot`` (or reads it back from the chunk buffer), then
+    ``G = w_row * (softmax - (1 - eps) * onehot - eps / V) * f'(raw)``. Tiles whose rows are all
+    ignored (``w_row == 0``) skip the recompute; no host sync decides this.
+
+dh and dW are then two GEMMs per row chunk on that ``[C, V]`` gradient tile buffer:
+``dh[chunk] = G @ W`` (one GEMM, fp32 accumulation inside) and ``dW32 += G.T @ h[chunk]``
+accumulated in an fp32 buffer (bf16 accumulation of the classifier gradient diverges), cast to
+``W.dtype`` once at the end. Why not produce dh and dW inside the tile kernel like Apple's CCE:
+a program owns a BLOCK_N x BLOCK_V tile but its contributions are BLOCK_N x d and BLOCK_V x d
+rows, which for d = 896..4096 cannot stay on chip, so they must be reduced across programs with
+fp32 atomics: ``N * V * d * (1/BLOCK_N + 1/BLOCK_V)`` atomic adds, about 140 GB of atomic traffic
+at (16384, 896, 151936), several times the time of the matmuls themselves. Apple's kernel makes
+this affordable by skipping tiles whose softmax is below ``filter_eps`` (an approximation); exact
+gradients need the other route. The chunk buffer is bounded (``chunk_rows x V``, sized from W),
+so memory stays O(N*d + V*d).
+
+Two ways to run a training step (both exact, same numbers up to rounding):
+
+* ``recompute``: forward = ``_cce_fwd_kernel`` only (nothing saved but ``lse[N]``); backward =
+  ``_cce_grad_kernel`` recomputing the logits + the two GEMMs. 4 matmul-equivalents.
+* ``fused`` (gradient in forward, Liger-style): per row chunk the forward kernel also stores the
+  logits, the grad kernel turns them into G in place, and the GEMMs produce dh/dW for an
+  incoming gradient of 1; backward multiplies them by the real incoming gradient (a scalar,
+  since the loss is reduced). 3 matmul-equivalents plus a few passes over the chunk buffer.
+
+Everything here is plain launchers over tensors (CUDA, or CPU tensors under TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp, sign-symmetric so it never overflows; absolute error ~ fp32 eps.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _tile_ids(pid, n_row_tiles, n_col_groups, GROUP_N: tl.constexpr):
+    # Grouped ordering: GROUP_N row tiles walk the vocab together, so the W tiles they share
+    # are read from HBM once and hit L2 for the others.
+    width = GROUP_N * n_col_groups
+    group = pid // width
+    first = group * GROUP_N
+    size = tl.minimum(n_row_tiles - first, GROUP_N)
+    local = pid % width
+    return first + local % size, local // size
+
+
+@triton.jit
+def _logit_tile(H, W, rows, cols, D, stride_h, stride_w,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``h[rows] @ W[cols].T`` in fp32. ``rows``/``cols`` must already be clamped in range."""
+    ks = tl.arange(0, BLOCK_D)
+    h_ptrs = H + rows[:, None].to(tl.int64) * stride_h + ks[None, :]
+    w_ptrs = W + cols[None, :].to(tl.int64) * stride_w + ks[:, None]  # a W.T tile: [BLOCK_D, BLOCK_V]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        if EVEN_D:
+            a = tl.load(h_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = (k + ks) < D
+            a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+    return acc
+
+
+@triton.jit
+def _transform(acc, scale, softcap, HAS_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    z = acc
+    if HAS_SCALE:
+        z = z * scale
+    if SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _cce_fwd_kernel(H, W, T, Z, M_OUT, S_OUT, ZT_OUT, SZ_OUT,
+                    N, V, D, stride_h, stride_w, stride_z,
+                    n_col_groups, tiles_per_group, scale, softcap,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                    GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, STORE_Z: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    row_tile, group = _tile_ids(pid, tl.cdiv(N, BLOCK_N), n_col_groups, GROUP_N)
+    rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows_in = tl.minimum(rows, N - 1)  # clamped: loads need no row mask
+    tgt = tl.load(T + rows_in)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    sz = tl.zeros((BLOCK_N,), tl.float32)
+    first = group * tiles_per_group
+    last = tl.minimum(first + tiles_per_group, tl.cdiv(V, BLOCK_V))
+    for vt in range(first, last):
+        cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        acc = _logit_tile(H, W, rows_in, tl.minimum(cols, V - 1), D, stride_h, stride_w,
+                          BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+        z = _transform(acc, scale, softcap, HAS_SCALE, SOFTCAP)
+        if STORE_Z:
+            z_ptrs = Z + rows[:, None].to(tl.int64) * stride_z + cols[None, :]
+            tl.store(z_ptrs, z.to(Z.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        zm = tl.where(col_ok[None, :], z, float("-inf"))
+        new_m = tl.maximum(m, tl.max(zm, axis=1))
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(zm - new_m[:, None]), axis=1)
+        m = new_m
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        if SMOOTH:
+            sz += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    out = group * N + rows
+    tl.store(M_OUT + out, m, mask=row_ok)
+    tl.store(S_OUT + out, s, mask=row_ok)
+    tl.store(ZT_OUT + out, zt, mask=row_ok)
+    if SMOOTH:
+        tl.store(SZ_OUT + out, sz, mask=row_ok)
+
+
+@triton.jit
+def _cce_grad_kernel(H, W, T, LSE, ROW_W, G,
+                     N, V, D, stride_h, stride_w, stride_g,
+                     scale, softcap, target_weight, uniform_weight,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, RECOMPUTE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    row_tile, vt = _tile_ids(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+    rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    mask = row_ok[:, None] & col_ok[None, :]
+    g_ptrs = G + rows[:, None].to(tl.int64) * stride_g + cols[None, :]
+    w_row = tl.load(ROW_W + rows, mask=row_ok, other=0.0)
+    if tl.max(tl.abs(w_row), axis=0) == 0.0:
+        # every row of the tile is ignored (or padding): no recompute, zero gradient
+        tl.store(g_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=G.dtype.element_ty), mask=mask)
+    else:
+        if RECOMPUTE:
+            acc = _logit_tile(H, W, tl.minimum(rows, N - 1), tl.minimum(cols, V - 1), D,
+                              stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+            z = _transform(acc, scale, softcap, HAS_SCALE, SOFTCAP)
+        else:
+            z = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        tgt = tl.load(T + rows, mask=row_ok, other=-1)
+        g = tl.exp(z - lse[:, None])
+        g = g - tl.where(cols[None, :] == tgt[:, None], target_weight, 0.0)
+        if SMOOTH:
+            g = g - uniform_weight
+        g = g * w_row[:, None]
+        if SOFTCAP:
+            t = z / softcap
+            g = g * (1.0 - t * t)
+        if HAS_SCALE:
+            g = g * scale
+        tl.store(g_ptrs, g.to(G.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch parameters
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch shape; tests pass small ones for the interpreter."""
+
+    block_n: int = 128
+    block_v: int = 128
+    block_d: int = 64
+    group_n: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    #: vocab tiles per forward program (None: enough programs to fill the GPU a few times)
+    tiles_per_group: int | None = None
+    #: rows per gradient chunk (None: sized so the [chunk, V] buffer is about twice W)
+    chunk_rows: int | None = None
+
+
+def default_tiles(dtype: torch.dtype, device: torch.device) -> Tiles:
+    if device.type != "cuda":
+        return Tiles(block_n=16, block_v=32, block_d=16, group_n=4, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # IEEE fp32 dot: bigger operands, less shared memory per tile
+        return Tiles(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
+    return Tiles()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32: the reference is fp32 F.linear.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _col_groups(n: int, v: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:
+    v_tiles = triton.cdiv(v, tiles.block_v)
+    if tiles.tiles_per_group is not None:
+        per = max(1, min(tiles.tiles_per_group, v_tiles))
+    else:
+        row_tiles = triton.cdiv(n, tiles.block_n)
+        want = 8 * _sm_count(device)  # programs: several waves, few partial statistics
+        groups = max(1, min(v_tiles, triton.cdiv(want, row_tiles)))
+        per = triton.cdiv(v_tiles, groups)
+    return triton.cdiv(v_tiles, per), per
+
+
+def _chunk_rows(n: int, v: int, d: int, elt: int, tiles: Tiles) -> int:
+    if tiles.chunk_rows is not None:
+        return max(1, tiles.chunk_rows)
+    budget = min(max(2 ** 28, 2 * v * d * elt), 2 ** 31)
+    rows = max(tiles.block_n, budget // max(1, v * elt) // 128 * 128)
+    return max(1, min(n, rows))
+
+
+def _check(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> None:
+    if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
+        raise ValueError(f"expected h [N, d] and W [V, d], got {tuple(h.shape)} and {tuple(w.shape)}")
+    if h.dtype != w.dtype:
+        raise ValueError(f"h and W must share a dtype, got {h.dtype} and {w.dtype}")
+    if target.shape != (h.shape[0],) or target.dtype != torch.int64:
+        raise ValueError("target must be int64 of shape [N]")
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Forward statistics
+# --------------------------------------------------------------------------------------------
+
+def _launch_stats(h, w, target, softcap, scale, smooth, tiles: Tiles, z_out=None):
+    """Per-row (lse, target logit, sum of logits) for rows of ``h``; optionally store logits."""
+    n, d = h.shape
+    v = w.shape[0]
+    groups, per = _col_groups(n, v, tiles, h.device)
+    stats = torch.empty((4 if smooth else 3, groups, n), dtype=torch.float32, device=h.device)
+    grid = (triton.cdiv(n, tiles.block_n) * groups,)
+    _cce_fwd_kernel[grid](
+        h, w, target, z_out if z_out is not None else stats, stats[0], stats[1], stats[2],
+        stats[3] if smooth else stats[2],
+        n, v, d, h.stride(0), w.stride(0), z_out.stride(0) if z_out is not None else 0,
+        groups, per, float(scale), float(softcap),
+        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d, GROUP_N=tiles.group_n,
+        EVEN_D=d % tiles.block_d == 0, HAS_SCALE=scale != 1.0, SOFTCAP=softcap != 0.0,
+        SMOOTH=smooth, STORE_Z=z_out is not None, DOT_PRECISION=_dot_precision(h.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    m, s, zt = stats[0], stats[1], stats[2]
+    top = m.amax(0)
+    # Rows whose logits are all -inf keep top = -inf; keep the merge NaN-free there like torch.
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    lse = safe + torch.log((s * torch.exp(m - safe)).sum(0))
+    sumz = stats[3].sum(0) if smooth else None
+    return lse, zt.sum(0), sumz
+
+
+def _row_losses(lse, zt, sumz, target, v, ignore_index, label_smoothing):
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < v)
+    # An out-of-range target (torch raises) gives NaN rather than a silent wrong loss.
+    zt = torch.where(in_range, zt, torch.full_like(zt, math.nan))
+    loss = lse - (1.0 - label_smoothing) * zt
+    if label_smoothing:
+        loss = loss - (label_smoothing / v) * sumz
+    return torch.where(valid, loss, torch.zeros_like(loss)), valid
+
+
+def _reduce(row_loss, valid, reduction):
+    total = row_loss.sum()
+    if reduction == "mean":
+        return total / valid.sum()
+    return total
+
+
+def _row_weights(grad, target, ignore_index, reduction, valid=None):
+    """dloss/d(row loss) per row: grad / count for mean, grad for sum, 0 for ignored rows."""
+    valid = target != ignore_index if valid is None else valid
+    g = grad.detach().float().reshape(())
+    if reduction == "mean":
+        g = g / valid.sum()
+    return torch.where(valid, g.expand(target.shape), torch.zeros((), dtype=torch.float32, device=target.device))
+
+
+def forward(h, w, target, ignore_index: int = -100, reduction: str = "mean",
+            label_smoothing: float = 0.0, softcap: float = 0.0, scale: float = 1.0,
+            tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (fp32, 0-dim) and per-row log-sum-exp (fp32 [N]); no N x V tensor."""
+    _check(h, w, target)
+    tiles = tiles or default_tiles(h.dtype, h.device)
+    n, v = h.shape[0], w.shape[0]
+    if n == 0:
+        lse = torch.empty((0,), dtype=torch.float32, device=h.device)
+        empty = torch.zeros((), dtype=torch.float32, device=h.device)
+        return (empty / 0 if reduction == "mean" else empty), lse
+    h, w = _rows_contiguous(h), _rows_contiguous(w)
+    lse, zt, sumz = _launch_stats(h, w, target, softcap, scale, label_smoothing != 0.0, tiles)
+    row_loss, valid = _row_losses(lse, zt, sumz, target, v, ignore_index, label_smoothing)
+    return _reduce(row_loss, valid, reduction), lse
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------------------------
+
+_ADDMM_MODE: dict[torch.device, str] = {}
+
+
+def _accumulate_dw(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc += g.T @ h`` with an fp32 accumulator and operands in their own dtype."""
+    if g.dtype == torch.float32:
+        acc.addmm_(g.t(), h)
+        return
+    if g.device.type != "cuda":
+        acc.addmm_(g.t().float(), h.float())
+        return
+    mode = _ADDMM_MODE.get(g.device)
+    if mode in (None, "out_dtype"):
+        try:  # cuBLAS bf16/fp16 GEMM accumulating straight into the fp32 buffer
+            torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
+            _ADDMM_MODE[g.device] = "out_dtype"
+            return
+        except (TypeError, RuntimeError):
+            _ADDMM_MODE[g.device] = "cast"
+    # Older torch: one rounding to the operand dtype per chunk, fp32 accumulation across chunks.
+    acc.add_(torch.mm(g.t(), h))
+
+
+def _gradients(h, w, target, lse, row_w, *, label_smoothing, softcap, scale, need_dh, need_dw,
+               tiles: Tiles, recompute: bool, z_sink=None):
+    """dh, dW for ``loss`` whose per-row weights are ``row_w``.
+
+    ``recompute``: logits come from ``tl.dot``; else ``z_sink(r0, r1, buf)`` fills ``buf`` with
+    the chunk's transformed logits (and returns its lse) before G is formed in place.
+    """
+    n, d = h.shape
+    v = w.shape[0]
+    dh = torch.empty_like(h) if need_dh else h.new_empty((0,))
+    dw32 = torch.zeros((v, d), dtype=torch.float32, device=h.device) if need_dw else None
+    if n and (need_dh or need_dw):
+        rows = _chunk_rows(n, v, d, h.element_size(), tiles)
+        buf = torch.empty((min(rows, n), v), dtype=h.dtype, device=h.device)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            g = buf[: r1 - r0]
+            lse_c = lse[r0:r1] if recompute else z_sink(r0, r1, g)
+            _cce_grad_kernel[(triton.cdiv(r1 - r0, tiles.block_n) * triton.cdiv(v, tiles.block_v),)](
+                h[r0:r1], w, target[r0:r1], lse_c, row_w[r0:r1], g,
+                r1 - r0, v, d, h.stride(0), w.stride(0), g.stride(0),
+                float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / v,
+                BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+                GROUP_N=tiles.group_n, EVEN_D=d % tiles.block_d == 0, HAS_SCALE=scale != 1.0,
+                SOFTCAP=softcap != 0.0, SMOOTH=label_smoothing != 0.0, RECOMPUTE=recompute,
+                DOT_PRECISION=_dot_precision(h.dtype),
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            if need_dh:
+                if g.device.type == "cuda" or g.dtype == torch.float32:
+                    torch.mm(g, w, out=dh[r0:r1])
+                else:  # CPU half GEMMs: accumulate in fp32 like cuBLAS does
+                    dh[r0:r1] = (g.float() @ w.float()).to(dh.dtype)
+            if need_dw:
+                _accumulate_dw(dw32, g, h[r0:r1])
+    elif need_dh:
+        dh.zero_()
+    if not need_dw:
+        dw = w.new_empty((0,))
+    else:
+        dw = dw32 if w.dtype == torch.float32 else dw32.to(w.dtype)
+    return dh, dw
+
+
+def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str = "mean",
+             label_smoothing: float = 0.0, softcap: float = 0.0, scale: float = 1.0,
+             need_dh: bool = True, need_dw: bool = True,
+             tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dh, dW of ``grad * loss`` recomputing the logit tiles; an unneeded one is a [0] tensor."""
+    _check(h, w, target)
+    tiles = tiles or default_tiles(h.dtype, h.device)
+    h, w = _rows_contiguous(h), _rows_contiguous(w)
+    row_w = _row_weights(grad, target, ignore_index, reduction)
+    return _gradients(h, w, target, lse.float().contiguous(), row_w, label_smoothing=label_smoothing,
+                      softcap=softcap, scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles,
+                      recompute=True)
+
+
+def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
+          label_smoothing: float = 0.0, softcap: float = 0.0, scale: float = 1.0,
+          need_dh: bool = True, need_dw: bool = True,
+          tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss plus dh and dW for an incoming gradient of 1, the logits computed once per chunk."""
+    _check(h, w, target)
+    tiles = tiles or default_tiles(h.dtype, h.device)
+    if not (need_dh or need_dw):
+        loss, _ = forward(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale, tiles)
+        return loss, h.new_empty((0,)), w.new_empty((0,))
+    h, w = _rows_contiguous(h), _rows_contiguous(w)
+    n, v = h.shape[0], w.shape[0]
+    smooth = label_smoothing != 0.0
+    valid = target != ignore_index
+    row_w = _row_weights(torch.ones((), device=h.device), target, ignore_index, reduction, valid)
+    row_loss = torch.empty((n,), dtype=torch.float32, device=h.device)
+
+    def z_sink(r0, r1, buf):
+        lse, zt, sumz = _launch_stats(h[r0:r1], w, target[r0:r1], softcap, scale, smooth, tiles, z_out=buf)
+        row_loss[r0:r1] = _row_losses(lse, zt, sumz, target[r0:r1], v, ignore_index, label_smoothing)[0]
+        return lse
+
+    dh, dw = _gradients(h, w, target, None, row_w, label_smoothing=label_smoothing, softcap=softcap,
+                        scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles, recompute=False,
+                        z_sink=z_sink)
+    if n == 0:
+        row_loss = row_loss[:0]
+    return _reduce(row_loss, valid, reduction), dh, dw

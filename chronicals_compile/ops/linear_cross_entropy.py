@@ -1,0 +1,257 @@
+"""``chronicals::linear_cross_entropy*``: lm_head + cross-entropy without materialised logits.
+
+Semantics, for ``h [N, d]``, ``weight [V, d]`` (same dtype), ``target [N]`` int64::
+
+    raw = h @ weight.T                                  # fp32 accumulation, never stored N x V
+    z = scale * raw;  z = softcap * tanh(z / softcap)   # each only when set (scale 1, softcap 0 = off)
+    loss = F.cross_entropy(z.float(), target, ignore_index=, reduction=, label_smoothing=)
+
+``reduction`` is ``mean`` or ``sum``; the loss is fp32 and 0-dim (all rows ignored: NaN for mean,
+0 for sum, zero gradients, exactly like torch). A target outside ``[0, V)`` that is not
+``ignore_index`` gives a NaN loss (torch raises; we cannot without a host sync).
+
+Three ops:
+
+``linear_cross_entropy(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
+-> (loss, lse)``
+    Forward only; ``lse [N]`` (fp32) is saved for the backward op. Differentiable (``lse`` is not).
+``linear_cross_entropy_backward(grad, h, weight, target, lse, ..., need_dh, need_dw) -> (dh, dw)``
+    Recomputes the logit tiles. A gradient not needed comes back as an empty ``[0]`` tensor.
+``linear_cross_entropy_fused(h, weight, target, ..., need_dh, need_dw) -> (loss, dh, dw)``
+    Computes the gradients of the loss during the forward (the logits are computed once);
+    differentiable in ``loss``, whose backward only scales dh and dw by the incoming gradient.
+
+CUDA runs the Triton launchers of ``kernels.linear_cross_entropy``; other devices run the chunked
+torch reference below (row chunks of at most ``_CPU_CHUNK_ELEMENTS`` logits, so CPU evaluation is
+memory-light too), which is also the specification.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Logits held at once by the CPU reference (fp32 elements).
+_CPU_CHUNK_ELEMENTS = 1 << 22
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunks(n: int, v: int):
+    rows = max(1, _CPU_CHUNK_ELEMENTS // max(v, 1))
+    for r0 in range(0, n, rows):
+        yield r0, min(n, r0 + rows)
+
+
+def _logits(hc: Tensor, wf: Tensor, softcap: float, scale: float) -> Tensor:
+    z = hc.to(wf.dtype) @ wf.t()
+    if scale != 1.0:
+        z = z * scale
+    if softcap != 0.0:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def reference_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
+                      label_smoothing: float, softcap: float, scale: float) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(h)
+    n, v = h.shape[0], weight.shape[0]
+    wf = weight.to(acc)
+    row_loss = torch.zeros((n,), dtype=acc, device=h.device)
+    lse = torch.empty((n,), dtype=acc, device=h.device)
+    valid = target != ignore_index
+    for r0, r1 in _chunks(n, v):
+        z = _logits(h[r0:r1], wf, softcap, scale)
+        t = target[r0:r1]
+        lse_c = torch.logsumexp(z, dim=-1)
+        in_range = (t >= 0) & (t < v)
+        zt = z.gather(1, t.clamp(0, max(v - 1, 0)).unsqueeze(1)).squeeze(1)
+        zt = torch.where(in_range, zt, torch.full_like(zt, float("nan")))
+        loss = lse_c - (1.0 - label_smoothing) * zt
+        if label_smoothing:
+            loss = loss - (label_smoothing / v) * z.sum(-1)
+        row_loss[r0:r1] = torch.where(valid[r0:r1], loss, torch.zeros_like(loss))
+        lse[r0:r1] = lse_c
+    total = row_loss.sum()
+    if reduction == "mean":
+        total = total / valid.sum()
+    return total, lse
+
+
+def reference_backward(grad: Tensor, h: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
+                       ignore_index: int, reduction: str, label_smoothing: float, softcap: float,
+                       scale: float, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(h)
+    n, v = h.shape[0], weight.shape[0]
+    wf = weight.to(acc)
+    valid = target != ignore_index
+    g = grad.detach().to(acc).reshape(())
+    if reduction == "mean":
+        g = g / valid.sum()
+    row_w = torch.where(valid, g.expand(n), torch.zeros((), dtype=acc, device=h.device))
+    dh = torch.empty_like(h) if need_dh else h.new_empty((0,))
+    dw = torch.zeros((v, weight.shape[1]), dtype=acc, device=h.device) if need_dw else None
+    for r0, r1 in _chunks(n, v):
+        hc = h[r0:r1].to(acc)
+        z = _logits(hc, wf, softcap, scale)
+        t = target[r0:r1]
+        gz = torch.exp(z - lse[r0:r1].to(acc).unsqueeze(1))
+        hit = (torch.arange(v, device=h.device).unsqueeze(0) == t.unsqueeze(1))
+        gz = gz - (1.0 - label_smoothing) * hit.to(acc)
+        if label_smoothing:
+            gz = gz - label_smoothing / v
+        gz = gz * row_w[r0:r1].unsqueeze(1)
+        if softcap != 0.0:
+            gz = gz * (1.0 - (z / softcap) ** 2)
+        if scale != 1.0:
+            gz = gz * scale
+        if need_dh:
+            dh[r0:r1] = (gz @ wf).to(h.dtype)
+        if need_dw:
+            dw.addmm_(gz.t(), hc)
+    dw = dw.to(weight.dtype) if need_dw else weight.new_empty((0,))
+    return dh, dw
+
+
+def _check_args(h: Tensor, weight: Tensor, target: Tensor, reduction: str) -> None:
+    torch._check(h.dim() == 2 and weight.dim() == 2, lambda: "h must be [N, d] and weight [V, d]")
+    torch._check(h.shape[1] == weight.shape[1], lambda: "h and weight disagree on the hidden size")
+    torch._check(h.dtype == weight.dtype, lambda: f"h is {h.dtype} but weight is {weight.dtype}")
+    torch._check(target.dim() == 1 and target.shape[0] == h.shape[0], lambda: "target must be [N]")
+    torch._check(target.dtype == torch.int64, lambda: "target must be int64")
+    torch._check(reduction in ("mean", "sum"), lambda: f"reduction {reduction!r} not supported")
+
+
+def _lse_dtype(h: Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# forward op (+ recomputing backward op)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("chronicals::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
+                         label_smoothing: float, softcap: float, scale: float) -> tuple[Tensor, Tensor]:
+    _check_args(h, weight, target, reduction)
+    loss, lse = reference_forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
+    return loss.to(_lse_dtype(h)), lse.to(_lse_dtype(h))
+
+
+@linear_cross_entropy.register_kernel("cuda")
+def _linear_cross_entropy_cuda(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale):
+    from ..kernels import linear_cross_entropy as k
+
+    _check_args(h, weight, target, reduction)
+    return k.forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
+
+
+@linear_cross_entropy.register_fake
+def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale):
+    _check_args(h, weight, target, reduction)
+    dtype = _lse_dtype(h)
+    return h.new_empty((), dtype=dtype), h.new_empty((h.shape[0],), dtype=dtype)
+
+
+@torch.library.custom_op("chronicals::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(grad: Tensor, h: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
+                                  ignore_index: int, reduction: str, label_smoothing: float,
+                                  softcap: float, scale: float, need_dh: bool,
+                                  need_dw: bool) -> tuple[Tensor, Tensor]:
+    return reference_backward(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing,
+                              softcap, scale, need_dh, need_dw)
+
+
+@linear_cross_entropy_backward.register_kernel("cuda")
+def _linear_cross_entropy_backward_cuda(grad, h, weight, target, lse, ignore_index, reduction,
+                                        label_smoothing, softcap, scale, need_dh, need_dw):
+    from ..kernels import linear_cross_entropy as k
+
+    return k.backward(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing,
+                      softcap, scale, need_dh, need_dw)
+
+
+@linear_cross_entropy_backward.register_fake
+def _(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing, softcap, scale,
+      need_dh, need_dw):
+    return (h.new_empty(h.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale = inputs
+    _, lse = output
+    ctx.save_for_backward(h, weight, target, lse)
+    ctx.args = (ignore_index, reduction, label_smoothing, softcap, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_lse: Tensor):
+    h, weight, target, lse = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dh or need_dw):
+        return (None,) * 8
+    dh, dw = linear_cross_entropy_backward(grad_loss, h, weight, target, lse, *ctx.args, need_dh, need_dw)
+    return (dh if need_dh else None, dw if need_dw else None) + (None,) * 6
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient-in-forward op
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("chronicals::linear_cross_entropy_fused", mutates_args=())
+def linear_cross_entropy_fused(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
+                               reduction: str, label_smoothing: float, softcap: float, scale: float,
+                               need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    _check_args(h, weight, target, reduction)
+    loss, lse = reference_forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
+    dh, dw = reference_backward(torch.ones((), dtype=loss.dtype), h, weight, target, lse, ignore_index,
+                                reduction, label_smoothing, softcap, scale, need_dh, need_dw)
+    return loss.to(_lse_dtype(h)), dh, dw
+
+
+@linear_cross_entropy_fused.register_kernel("cuda")
+def _linear_cross_entropy_fused_cuda(h, weight, target, ignore_index, reduction, label_smoothing,
+                                     softcap, scale, need_dh, need_dw):
+    from ..kernels import linear_cross_entropy as k
+
+    _check_args(h, weight, target, reduction)
+    return k.fused(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale,
+                   need_dh, need_dw)
+
+
+@linear_cross_entropy_fused.register_fake
+def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale, need_dh, need_dw):
+    _check_args(h, weight, target, reduction)
+    return (h.new_empty((), dtype=_lse_dtype(h)), h.new_empty(h.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)))
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    _, dh, dw = output
+    ctx.save_for_backward(dh, dw)
+    ctx.computed = inputs[8], inputs[9]  # need_dh, need_dw as the pass decided them
+    ctx.mark_non_differentiable(dh, dw)
+
+
+def _fused_backward(ctx, grad_loss: Tensor, _grad_dh, _grad_dw):
+    dh, dw = ctx.saved_tensors
+    g = grad_loss.float()
+
+    def scaled(x: Tensor, needed: bool, computed: bool, name: str):
+        if not needed:
+            return None
+        if not computed:  # never a silent zero gradient
+            raise RuntimeError(f"chronicals::linear_cross_entropy_fused was called with need_{name}=False "
+                               f"but autograd asks for the gradient of {name}")
+        return (x.float() * g).to(x.dtype)  # scale in fp32: one rounding, like the unfused path
+
+    return (scaled(dh, ctx.needs_input_grad[0], ctx.computed[0], "dh"),
+            scaled(dw, ctx.needs_input_grad[1], ctx.computed[1], "dw")) + (None,) * 8
+
+
+linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
