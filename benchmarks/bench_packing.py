@@ -130,7 +130,7 @@ def cpu_report(args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------------- GPU
 
 
-def _qwen2_model(args, attn: str):
+def _qwen2_model(args, attn: str, dtype=None):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -149,7 +149,7 @@ def _qwen2_model(args, attn: str):
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model = Qwen2ForCausalLM(config).to(dtype or torch.bfloat16)
     if attn == "chronicals_varlen":
         enable_packed_attention(model)
     else:
@@ -231,15 +231,20 @@ def _time_training(model, batches, warmup: int, steps: int, compile_model: bool)
 
 
 def _check_varlen_correct(args) -> list[str]:
-    """On CUDA the packed path is varlen_attn: its per-document logits must match sdpa on each document alone."""
+    """On CUDA the packed path is varlen_attn: per-document logits as accurate as sdpa on each document alone.
+
+    bf16 through many random layers drifts by percents, so both bf16 sides are
+    measured against an fp32 sdpa reference run per document, and the packed
+    error must not exceed twice the stock sdpa error (plus a small slack).
+    """
     import torch
 
     from chronicals_compile.runtime import PackingCollator
     from chronicals_compile.runtime import attention as attn_mod
 
-    lines = []
     packed = _qwen2_model(args, "chronicals_varlen")
     ref = _qwen2_model(args, "sdpa")
+    ref32 = _qwen2_model(args, "sdpa", dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     docs = [torch.randint(1, args.vocab, (n,), generator=g).tolist() for n in (300, 77, 1024, 5, 611)]
     batch = _to_cuda(PackingCollator(bucket_multiple=128)(docs))
@@ -254,12 +259,16 @@ def _check_varlen_correct(args) -> list[str]:
     try:
         with torch.no_grad():
             logits = packed(**batch).logits.float()
-            worst = 0.0
+            err_packed = err_sdpa = 0.0
             offset = 0
             for d in docs:
-                want = ref(input_ids=torch.tensor([d], device="cuda")).logits[0].float()
+                x = torch.tensor([d], device="cuda")
+                exact = ref32(input_ids=x).logits[0].float()
+                scale = exact.abs().max()
                 got = logits[0, offset : offset + len(d)]
-                worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+                stock = ref(input_ids=x).logits[0].float()
+                err_packed = max(err_packed, ((got - exact).abs().max() / scale).item())
+                err_sdpa = max(err_sdpa, ((stock - exact).abs().max() / scale).item())
                 offset += len(d)
         compiled = torch.compile(packed, fullgraph=True)
         loss_c = compiled(**batch).loss
@@ -267,14 +276,17 @@ def _check_varlen_correct(args) -> list[str]:
         gnorm = torch.nn.utils.clip_grad_norm_(packed.parameters(), 1e9).item()
     finally:
         attn_mod._varlen_forward = original
-    lines.append(
-        f"- correctness: varlen_attn called {calls['varlen']} times (eager + compiled, fullgraph=True); worst per-document "
-        f"logit error vs sdpa alone, relative to max |logit|: {worst:.2e} (bf16); compiled loss "
-        f"{loss_c.item():.4f}, grad norm {gnorm:.3g}"
-    )
+    lines = [
+        f"- correctness: varlen_attn called {calls['varlen']} times (eager + compiled with fullgraph=True). "
+        f"Worst per-document logit error vs an fp32 per-document reference, relative to max |logit|: "
+        f"packed bf16 {err_packed:.2e}, stock sdpa bf16 on the document alone {err_sdpa:.2e}. "
+        f"Compiled loss {loss_c.item():.4f}, grad norm {gnorm:.3g}."
+    ]
+    print(lines[0], flush=True)
     assert calls["varlen"] >= 2 * args.layers, "varlen path was not taken on CUDA"
-    assert worst < 2e-2, f"packed logits differ from per-document sdpa: {worst}"
-    del packed, ref, compiled
+    assert err_packed <= 2 * err_sdpa + 1e-3, "packed logits are less accurate than sdpa per document"
+    assert gnorm > 0
+    del packed, ref, ref32, compiled
     torch.cuda.empty_cache()
     return lines
 
