@@ -1,0 +1,153 @@
+"""Cut cross-entropy: Triton launchers (interpreted on CPU) and the ops' CPU reference, vs float64."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from chronicals_compile.kernels import linear_cross_entropy as k
+from chronicals_compile.verify import linear_cross_entropy as case
+from chronicals_compile.verify.tolerance import assert_all_ok
+
+SMALL = k.Tiles(block_n=16, block_v=32, block_d=16, group_n=2, num_warps=4, num_stages=1)
+
+
+@settings(max_examples=20)
+@given(case.cases())
+def test_matches_float64(params):
+    assert_all_ok(case.check(**params))
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_option_at_once(mode, dtype):
+    assert_all_ok(case.check(tokens=37, hidden=40, vocab=300, dtype=dtype, reduction="mean", ignore="some",
+                             label_smoothing=0.1, softcap=3.0, scale=0.5, mode=mode, tiles_per_group=3,
+                             chunk_rows=16, seed=3))
+
+
+@pytest.mark.parametrize("hidden", [896, 2304])
+def test_real_hidden_sizes(hidden):
+    for mode in ("recompute", "fused"):
+        assert_all_ok(case.check(tokens=5, hidden=hidden, vocab=37, dtype=torch.float16, mode=mode, seed=hidden))
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_rows_ignored_like_torch(mode, reduction):
+    """mean: NaN loss (0/0), sum: 0; gradients are zeros, never NaN."""
+    h, w, t, _ = case.make_inputs(9, 16, 50, torch.float32, "all", 0)
+    loss, dh, dw = case.ours(h, w, t, -100, reduction, 0.1, 0.0, 1.0, mode, 1.0, SMALL)
+    ref = F.cross_entropy(h @ w.t(), t, reduction=reduction)
+    assert torch.isnan(loss) if reduction == "mean" else loss == 0
+    assert torch.isnan(ref) == torch.isnan(loss)
+    assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_out_of_range_target_gives_nan_not_a_wrong_loss():
+    h, w, t, _ = case.make_inputs(5, 16, 20, torch.float32, "none", 0)
+    t[2] = 25
+    loss, _ = k.forward(h, w, t, tiles=SMALL)
+    assert torch.isnan(loss)
+
+
+def test_empty_batch():
+    h, w = torch.zeros(0, 16), torch.randn(20, 16)
+    t = torch.zeros(0, dtype=torch.int64)
+    assert torch.isnan(k.forward(h, w, t, reduction="mean", tiles=SMALL)[0])
+    assert k.forward(h, w, t, reduction="sum", tiles=SMALL)[0] == 0
+    loss, dh, dw = k.fused(h, w, t, reduction="sum", tiles=SMALL)
+    assert loss == 0 and dh.shape == h.shape and torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_unneeded_gradients_are_skipped():
+    h, w, t, _ = case.make_inputs(9, 16, 50, torch.float32, "some", 1)
+    _, lse = k.forward(h, w, t, tiles=SMALL)
+    dh, dw = k.backward(torch.tensor(1.0), h, w, t, lse, need_dh=True, need_dw=False, tiles=SMALL)
+    assert dh.shape == h.shape and dw.numel() == 0
+    _, dh, dw = k.fused(h, w, t, need_dh=False, need_dw=True, tiles=SMALL)
+    assert dh.numel() == 0 and dw.shape == w.shape
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Largest tensor any torch op returns, in bytes (the interpreter's host copies count too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel() * x.element_size())
+        return out
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fused"])
+def test_never_allocates_tokens_times_vocab(mode):
+    n, d, v, chunk = 37, 8, 300, 8
+    h, w, t, _ = case.make_inputs(n, d, v, torch.float16, "some", 2)
+    tiles = k.Tiles(block_n=16, block_v=32, block_d=16, group_n=2, num_warps=4, num_stages=1, chunk_rows=chunk)
+    with _LargestAllocation() as seen:
+        if mode == "fused":
+            k.fused(h, w, t, label_smoothing=0.1, tiles=tiles)
+        else:
+            _, lse = k.forward(h, w, t, label_smoothing=0.1, tiles=tiles)
+            k.backward(torch.tensor(1.0), h, w, t, lse, label_smoothing=0.1, tiles=tiles)
+    # fp32 dW accumulator, the [chunk, V] gradient buffer, the per-group statistics: all < N x V
+    assert seen.largest <= max(4 * v * d, 2 * chunk * v, 4 * 4 * n * math.ceil(v / 32)) < 2 * n * v, seen.largest
+
+
+# ---- the ops' CPU implementation: the chunked torch reference ----
+
+def _ops():
+    from chronicals_compile import ops  # noqa: F401
+
+    return torch.ops.chronicals
+
+
+@pytest.mark.parametrize("opts", [(-100, "mean", 0.0, 0.0, 1.0), (3, "sum", 0.1, 3.0, 0.5)])
+def test_cpu_reference_ops_chunked_match_float64(monkeypatch, opts):
+    import chronicals_compile.ops.linear_cross_entropy as mod
+
+    monkeypatch.setattr(mod, "_CPU_CHUNK_ELEMENTS", 64)  # several row chunks
+    ops = _ops()
+    h, w, t, _ = case.make_inputs(23, 16, 30, torch.float32, "some", 5)
+    t[t == -100] = opts[0]
+    ref = case.torch_loss(h.double(), w.double(), t, *opts)
+    loss, lse = ops.linear_cross_entropy(h, w, t, *opts)
+    dh, dw = ops.linear_cross_entropy_backward(torch.tensor(1.0), h, w, t, lse, *opts, True, True)
+    floss, fdh, fdw = ops.linear_cross_entropy_fused(h, w, t, *opts, True, True)
+    for got, want in ((loss, ref[0]), (dh, ref[1]), (dw, ref[2]), (floss, ref[0]), (fdh, ref[1]), (fdw, ref[2])):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opts", [(-100, "mean", 0.0, 0.0, 1.0), (-100, "sum", 0.1, 3.0, 0.5)])
+def test_opcheck_and_gradcheck(opts):
+    ops = _ops()
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(13, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randint(0, 13, (9,), generator=gen)
+    t[2] = -100
+    torch.library.opcheck(ops.linear_cross_entropy.default, (h, w, t) + opts)
+    torch.library.opcheck(ops.linear_cross_entropy_fused.default, (h, w, t) + opts + (True, True))
+    torch.library.opcheck(ops.linear_cross_entropy_fused.default, (h, w.detach(), t) + opts + (True, False))
+    lse = ops.linear_cross_entropy(h, w, t, *opts)[1].detach()
+    torch.library.opcheck(ops.linear_cross_entropy_backward.default,
+                          (torch.tensor(1.5, dtype=torch.float64), h.detach(), w.detach(), t, lse) + opts + (True, True))
+    assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, t, *opts)[0], (h, w))
+    assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy_fused(a, b, t, *opts, True, True)[0], (h, w))
+
+
+def test_fused_backward_refuses_a_gradient_it_did_not_compute():
+    ops = _ops()
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    t = torch.randint(0, 6, (4,))
+    loss = ops.linear_cross_entropy_fused(h, w, t, -100, "mean", 0.0, 0.0, 1.0, True, False)[0]
+    with pytest.raises(RuntimeError, match="need_dw=False"):
+        loss.backward()
