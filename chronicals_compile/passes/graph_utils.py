@@ -128,11 +128,16 @@ def is_number(value: Any, target: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) == target
 
 
-def fake_mode_of(gm: fx.GraphModule):
-    from torch._guards import detect_fake_mode
-
-    vals = [meta(n) for n in gm.graph.nodes]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+def fake_mode_of(nodes: "Iterable[Any] | fx.GraphModule"):
+    """The fake mode that owns the nodes' recorded values (not the ambient tracing context's,
+    which can differ inside a backend)."""
+    if isinstance(nodes, fx.GraphModule):
+        nodes = nodes.graph.nodes
+    for value in map(meta, nodes):
+        mode = getattr(value, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
 
 
 def set_fake_value(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -141,7 +146,7 @@ def set_fake_value(gm: fx.GraphModule, node: fx.Node) -> None:
     Runs the op's fake kernel under the graph's own fake mode; on any failure the node simply
     has no metadata (later passes then refuse to match through it, which is safe).
     """
-    mode = fake_mode_of(gm)
+    mode = fake_mode_of(node.all_input_nodes)
     if mode is None:
         return
 
