@@ -209,10 +209,13 @@ def match(ce: fx.Node, ctx=None) -> Found:
     # Who else reads the logits? Only the graph's outputs may.
     interior = [linear, *chain]
     inside = set(interior) | {ce}
-    escapes = []
+    escapes, dead = [], []
     for n in interior:
         for user in n.users:
             if user in inside:
+                continue
+            if not user.users and user.op in ("call_function", "call_method") and not user.is_impure():
+                dead.append(user)  # an unused value Dynamo left in the graph
                 continue
             if user.op == "output":
                 if ctx is not None and n.graph is not ctx.root.graph:
@@ -228,7 +231,7 @@ def match(ce: fx.Node, ctx=None) -> Found:
     if escapes and not training and policy != "drop":
         raise NoMatch(f"no gradients and the logits are returned (chronicals.logits={policy}): "
                       "the loss from the materialised logits is cheaper than recomputing them")
-    return Found(ce=ce, linear=linear, h=h, w=w, target=target, chain=chain, escapes=escapes,
+    return Found(ce=ce, linear=linear, h=h, w=w, target=target, chain=chain, escapes=escapes, dead=dead,
                  ignore_index=ignore_index, reduction=reduction, smoothing=smoothing,
                  softcap=softcap, scale=scale, policy=policy, training=training,
                  need_dh=training and _requires_grad(h), need_dw=training and _requires_grad(w))
@@ -323,5 +326,5 @@ def rewrite(gm: fx.GraphModule, found: Found, ctx) -> fx.Node:
                     env[n] = copy
             _replace_outputs(gm, {n: env[n] for n in found.escapes})
         # keep: the original lm_head (and transform) stay in the graph for the outputs
-    erase_dead(gm, [ce, *found.chain, found.linear])
+    erase_dead(gm, [*found.dead, ce, *found.chain, found.linear])
     return fused
