@@ -57,6 +57,14 @@ def stdlib_pairs(min_chars: int = 40, max_chars: int = 1200) -> list[dict[str, s
     once, docstrings shorter than ``min_chars`` skipped and longer ones cut at ``max_chars``
     on a paragraph boundary when there is one.
     """
+    import warnings
+
+    with warnings.catch_warnings():  # deprecated aliases (typing.io...) warn when their doc is read
+        warnings.simplefilter("ignore")
+        return _stdlib_pairs(min_chars, max_chars)
+
+
+def _stdlib_pairs(min_chars: int, max_chars: int) -> list[dict[str, str]]:
     pairs: list[dict[str, str]] = []
     seen: set[str] = set()
     for module_name in STDLIB_MODULES:
@@ -121,6 +129,10 @@ def load_dataset_path(path: str):
 
     if not os.path.exists(path):
         raise DataError(f"dataset {path!r} does not exist")
+    if os.path.isfile(path) and not open(path, "rb").read(4096).strip():
+        raise DataError(f"dataset {path!r} is empty")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # errors reach the user once, below
     try:
         if os.path.isdir(path):
             ds = datasets.load_from_disk(path)
@@ -137,7 +149,12 @@ def load_dataset_path(path: str):
     except DataError:
         raise
     except Exception as err:  # malformed file: one line, not a traceback
-        raise DataError(f"could not read dataset {path!r}: {type(err).__name__}: {_first_line(err)}") from err
+        root = err
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        raise DataError(f"could not read dataset {path!r}: {type(root).__name__}: {_first_line(root)}") from err
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     raise DataError(f"dataset {path!r}: expected a .jsonl, .json or .parquet file or a save_to_disk folder")
 
 
@@ -248,5 +265,5 @@ def tokenize(ds, tokenizer, fields: Fields, max_len: int) -> TokenizedData:
     out = out.filter(lambda lab: any(x != IGNORE_INDEX for x in lab[1:]), input_columns="labels",
                      keep_in_memory=True)
     if len(out) == 0:
-        raise DataError("no example has a token to train on (empty responses?)")
+        raise DataError("no example has a token to train on (empty texts or responses?)")
     return TokenizedData(out, truncated, longest)

@@ -555,5 +555,6 @@ def _quiet_libraries() -> None:
     except Exception:  # pragma: no cover
         pass
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
     # The explain report printed at the end already notes that logits are dropped.
     warnings.filterwarnings("ignore", message="chronicals: lm_head \\+ cross-entropy is fused")
