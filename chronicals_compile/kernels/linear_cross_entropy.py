@@ -356,11 +356,17 @@ def _accumulate_dw(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
     if g.device.type != "cuda":
         acc.addmm_(g.t().float(), h.float())
         return
-    mode = _ADDMM_MODE.get(g.device)
-    if mode in (None, "out_dtype"):
-        try:  # cuBLAS bf16/fp16 GEMM accumulating straight into the fp32 buffer
+    mode = _ADDMM_MODE.get(g.device, "addmm")
+    if mode == "addmm":
+        try:  # cuBLAS bf16/fp16 GEMM accumulating straight into the fp32 buffer (beta = 1)
             torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
-            _ADDMM_MODE[g.device] = "out_dtype"
+            _ADDMM_MODE[g.device] = "addmm"
+            return
+        except (TypeError, RuntimeError):
+            mode = _ADDMM_MODE[g.device] = "mm"
+    if mode == "mm":
+        try:  # fp32 product, then one fp32 add
+            acc.add_(torch.mm(g.t(), h, out_dtype=torch.float32))
             return
         except (TypeError, RuntimeError):
             _ADDMM_MODE[g.device] = "cast"

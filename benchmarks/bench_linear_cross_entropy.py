@@ -1,0 +1,229 @@
+"""lm_head + cross-entropy, forward + backward: time and extra peak memory.
+
+Variants, each computing ``mean CE(h @ W.T, target)`` and the gradients of h and W:
+
+* ``eager``: ``F.cross_entropy(F.linear(h, W).float(), t)``, the transformers path, materialised.
+* ``torch.compile``: the same function through Inductor.
+* ``chronicals (recompute)``: ``chronicals::linear_cross_entropy``; backward recomputes logit tiles.
+* ``chronicals (fused)``: ``chronicals::linear_cross_entropy_fused``; gradients during the forward
+  (what the pass uses for training graphs).
+* ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (if it imports).
+* ``cce`` / ``cce exact``: Apple's ``cut_cross_entropy.linear_cross_entropy``, default
+  (gradient filtering, approximate) and ``filter_eps=None`` (exact), if it imports.
+* ``bare matmuls``: ``h @ W.T``, ``G @ W`` and ``G.T @ h`` alone with a preallocated G: the floor
+  any exact method pays (6 N V d FLOPs); ``x bare`` = time / this.
+
+``extra MiB`` is the peak allocation during one step above what was allocated before it, minus the
+unavoidable dh and dW outputs. bf16, 10% of labels ignored, ``triton.testing.do_bench`` medians.
+A variant that runs out of memory prints ``OOM`` and the others go on.
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.nn.functional as F
+
+#: (tokens, hidden, vocab): Qwen2.5-0.5B at 8 x 2048, Gemma-2-2B at 4 x 2048, Llama-3-8B at 8 x 4096.
+SHAPES = [(16384, 896, 151936), (8192, 2304, 256000), (32768, 4096, 128256)]
+IGNORED = 0.1
+
+
+def _eager(h, w, t):
+    return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100)
+
+
+def _variants() -> dict:
+    import chronicals_compile.ops  # noqa: F401
+
+    ops = torch.ops.chronicals
+    variants = {
+        "eager": _eager,
+        "torch.compile": torch.compile(_eager, dynamic=False),
+        "chronicals (recompute)": lambda h, w, t: ops.linear_cross_entropy(h, w, t, -100, "mean", 0.0, 0.0, 1.0)[0],
+        "chronicals (fused)": lambda h, w, t: ops.linear_cross_entropy_fused(
+            h, w, t, -100, "mean", 0.0, 0.0, 1.0, h.requires_grad, w.requires_grad)[0],
+    }
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+        variants["liger"] = lambda h, w, t: liger(w, h, t)
+    except Exception:  # noqa: BLE001 - a missing peer is a missing row
+        try:
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as L
+
+            variants["liger"] = lambda h, w, t: L.apply(h, w, t)
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        variants["cce"] = lambda h, w, t: cce(h, w, t)
+        variants["cce exact"] = lambda h, w, t: cce(h, w, t, filter_eps=None)
+    except Exception:  # noqa: BLE001
+        pass
+    return variants
+
+
+def _inputs(n, d, v, device, dtype, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(n, d, device=device, generator=g).to(dtype).requires_grad_(True)
+    w = (torch.randn(v, d, device=device, generator=g) * d ** -0.5).to(dtype).requires_grad_(True)
+    t = torch.randint(0, v, (n,), device=device, generator=g)
+    t[torch.rand(n, device=device, generator=g) < IGNORED] = -100
+    return h, w, t
+
+
+def _bench(fn, rep_ms):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def _free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _measure(name, fn, n, d, v, device, dtype, rep_ms):
+    h, w, t = _inputs(n, d, v, device, dtype)
+    grads_bytes = (h.numel() + w.numel()) * h.element_size()
+
+    def step():
+        h.grad = w.grad = None
+        loss = fn(h, w, t)
+        loss.backward()
+        return loss
+
+    try:
+        loss = step()  # compile / autotune outside the timing and the memory measurement
+        torch.cuda.synchronize()
+        h.grad = w.grad = None
+        _free()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before - grads_bytes
+        gnorm = float(w.grad.float().norm())
+        ms = _bench(step, rep_ms)
+        return {"ms": round(ms, 2), "extra MiB": round(extra / 2**20), "loss": round(float(loss), 5),
+                "|dW|": round(gnorm, 4)}
+    except torch.cuda.OutOfMemoryError:
+        return {"ms": "OOM"}
+    except Exception as err:  # noqa: BLE001 - one broken variant must not hide the others
+        return {"ms": "error", "error": repr(err)[:120]}
+    finally:
+        del h, w, t
+        _free()
+
+
+def _bare(n, d, v, device, dtype, rep_ms):
+    try:
+        h = torch.randn(n, d, device=device, dtype=dtype)
+        w = torch.randn(v, d, device=device, dtype=dtype)
+        g = torch.randn(n, v, device=device, dtype=dtype)
+        z = torch.empty(n, v, device=device, dtype=dtype)
+
+        def step():
+            torch.mm(h, w.t(), out=z)
+            torch.mm(g, w)
+            torch.mm(g.t(), h)
+
+        ms = _bench(step, rep_ms)
+        return {"ms": round(ms, 2), "extra MiB": "-"}
+    except torch.cuda.OutOfMemoryError:
+        return {"ms": "OOM"}
+    finally:
+        _free()
+
+
+def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes=None, variants=None,
+        rep_ms: int = 800) -> list[dict]:
+    rows = []
+    names = variants
+    for n, d, v in shapes or SHAPES:
+        label = {"shape (N, d, V)": f"{n}, {d}, {v}"}
+        flops = 6 * n * d * v
+        bare = _bare(n, d, v, device, dtype, rep_ms)
+        bare_ms = bare["ms"] if isinstance(bare["ms"], float) else None
+        rows.append({**label, "variant": "bare matmuls", **bare,
+                     "TFLOP/s": round(flops / bare_ms / 1e9) if bare_ms else "-"})
+        for name, fn in _variants().items():
+            if names and name not in names:
+                continue
+            result = _measure(name, fn, n, d, v, device, dtype, rep_ms)
+            ms = result.get("ms")
+            if isinstance(ms, float):
+                result["TFLOP/s"] = round(flops / ms / 1e9)
+                if bare_ms:
+                    result["x bare"] = round(ms / bare_ms, 2)
+            rows.append({**label, "variant": name, **result})
+            print(rows[-1], flush=True)
+        torch._dynamo.reset()
+    return rows
+
+
+def sweep(device: str = "cuda", shape=(16384, 896, 151936), dtype=torch.bfloat16, configs=None) -> list[dict]:
+    """Tile configurations of the launchers (no autograd): forward, recompute backward, fused."""
+    import dataclasses
+
+    from chronicals_compile.kernels import linear_cross_entropy as k
+
+    n, d, v = shape
+    h, w, t = _inputs(n, d, v, device, dtype)
+    h, w = h.detach(), w.detach()
+    one = torch.ones((), device=device)
+    base = k.default_tiles(dtype, torch.device(device))
+    configs = configs or [
+        {},
+        {"block_v": 256},
+        {"block_n": 64, "block_v": 256, "num_stages": 4},
+        {"block_n": 128, "block_v": 256, "block_d": 64, "num_stages": 3, "num_warps": 8},
+        {"block_n": 128, "block_v": 128, "num_stages": 4},
+        {"block_n": 64, "block_v": 128, "num_warps": 4, "num_stages": 4},
+        {"group_n": 16},
+        {"chunk_rows": 4096},
+        {"chunk_rows": 8192},
+    ]
+    rows = []
+    for cfg in configs:
+        tiles = dataclasses.replace(base, **cfg)
+        row = {"shape": f"{n}, {d}, {v}", "tiles": str(cfg or "default")}
+        try:
+            _, lse = k.forward(h, w, t, tiles=tiles)
+            row["fwd ms"] = round(_bench(lambda: k.forward(h, w, t, tiles=tiles), 300), 2)
+            row["bwd ms"] = round(_bench(lambda: k.backward(one, h, w, t, lse, tiles=tiles), 300), 2)
+            row["fused ms"] = round(_bench(lambda: k.fused(h, w, t, tiles=tiles), 300), 2)
+            row["recompute total"] = round(row["fwd ms"] + row["bwd ms"], 2)
+        except Exception as err:  # noqa: BLE001
+            row["error"] = repr(err)[:120]
+        rows.append(row)
+        print(row, flush=True)
+        _free()
+    return rows
+
+
+def main() -> None:
+    import argparse
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from table import markdown
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--sweep", action="store_true", help="tile configurations of our launchers instead")
+    p.add_argument("--variants", nargs="*", default=None)
+    p.add_argument("--shapes", nargs="*", default=None, help="N,d,V ...")
+    args = p.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else None
+    if args.sweep:
+        print(markdown(sweep(shape=shapes[0] if shapes else (16384, 896, 151936))))
+    else:
+        print(markdown(run(shapes=shapes, variants=args.variants)))
+
+
+if __name__ == "__main__":
+    main()
