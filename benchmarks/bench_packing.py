@@ -47,6 +47,8 @@ def sample_lengths(n: int, mu: float, sigma: float, seed: int = 0, lo: int = 16,
 
 
 def _git_commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # for runs from a copy of the tree that is not a git checkout
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except Exception:
@@ -199,6 +201,7 @@ def _time_training(model, batches, warmup: int, steps: int, compile_model: bool)
     runner = torch.compile(model) if compile_model else model
     real = padded = 0
     grad_norm = 0.0
+    torch._dynamo.utils.counters.clear()
     torch.cuda.reset_peak_memory_stats()
     start = end = None
     for i, (batch, n_real) in enumerate(batches):
@@ -228,7 +231,8 @@ def _time_training(model, batches, warmup: int, steps: int, compile_model: bool)
         "real_frac": real / padded,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "grad_norm": grad_norm,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
+        "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
     }
 
 
@@ -310,13 +314,14 @@ def gpu_throughput(args: argparse.Namespace) -> str:
         f"intermediate {args.intermediate}, vocab {args.vocab}, bf16 weights, full fine-tune, fused AdamW.",
         f"Documents: lognormal({args.mu}, {args.sigma}) lengths clipped to [16, {args.capacity}], random tokens.",
         f"Packed: BFD rows of {args.capacity} tokens, {args.rows} row(s) a step, chronicals_varlen. "
-        f"Padded: batches of {args.pad_batch} documents padded to their longest, attention_mask, sdpa. "
+        f"Padded: batches of {args.pad_batch} documents padded to their longest (rounded up to a multiple of "
+        f"{args.pad_multiple}), attention_mask, sdpa. "
         f"{args.warmup} warm-up steps, then {args.steps} timed steps (forward, backward, optimizer).",
         "",
         *_check_varlen_correct(args),
         "",
-        "| run | compile | real tokens/s | ms/step | real/processed tokens | peak GiB | final loss | grad norm |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | compile | real tokens/s | ms/step | real/processed tokens | peak GiB | final loss | grad norm | graphs compiled |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     results = {}
     for compile_model in args.compile_modes:
@@ -324,7 +329,7 @@ def gpu_throughput(args: argparse.Namespace) -> str:
             attn = "sdpa" if kind == "padded" else "chronicals_varlen"
             model = _qwen2_model(args, attn)
             batches = (
-                _padded_batches(docs, args.pad_batch)
+                _padded_batches(docs, args.pad_batch, multiple=args.pad_multiple)
                 if kind == "padded"
                 else _packed_batches(docs, args.capacity, args.rows)
             )
@@ -340,7 +345,7 @@ def gpu_throughput(args: argparse.Namespace) -> str:
             results[(kind, compile_model)] = r
             lines.append(
                 f"| {kind} | {'inductor' if compile_model else 'eager'} | {r['tok_s']:,.0f} | {r['ms_step']:.1f} "
-                f"| {r['real_frac']:.1%} | {r['peak_gib']:.1f} | {r['loss']:.3f} | {r['grad_norm']:.3g} |"
+                f"| {r['real_frac']:.1%} | {r['peak_gib']:.1f} | {r['loss']:.3f} | {r['grad_norm']:.3g} | {r['graphs']} |"
             )
             print(lines[-1], flush=True)
             del model
@@ -381,9 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-docs", type=int, default=6000)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--compile", dest="compile_modes", action="store_const", const=[False, True], default=[False],
-                   help="also measure with torch.compile (inductor)")
+    p.add_argument("--compile", choices=["none", "inductor", "both"], default="none",
+                   help="measure eager (none), torch.compile with inductor, or both")
+    p.add_argument("--pad-multiple", type=int, default=128,
+                   help="padded side pads to a multiple of this (HF pad_to_multiple_of), limiting recompiles")
     args = p.parse_args(argv)
+    args.compile_modes = {"none": [False], "inductor": [True], "both": [False, True]}[args.compile]
 
     if args.gpu_throughput:
         text = gpu_throughput(args)
