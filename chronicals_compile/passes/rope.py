@@ -231,7 +231,10 @@ def match(cat: fx.Node, ctx=None):
 def rewrite(gm: fx.GraphModule, found, ctx) -> fx.Node:
     q, k, last_input = found
     graph = gm.graph
-    with graph.inserting_before(last_input.next):
+    point = last_input.next
+    while point.op == "placeholder":  # graph inputs stay first
+        point = point.next
+    with graph.inserting_before(point):
         fused = graph.call_function(torch.ops.chronicals.rope.default, (q.x, k.x, q.cos, q.sin))
         q_new = graph.call_function(operator.getitem, (fused, 0))
         k_new = graph.call_function(operator.getitem, (fused, 1))

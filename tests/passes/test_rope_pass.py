@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from chronicals_compile.testing import random_batch, tiny_model
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
+from chronicals_compile.verify import rope as rope_case
 
 FAST = {"compiler": "aot_eager"}
 LAYERS = 2
@@ -240,6 +241,28 @@ def test_refusals_are_reported_and_leave_the_graph_alone(variant, reason):
     assert any(reason in f.reason for f in fallbacks), str(report)
     assert not rope_nodes(graphs)
     assert_same_as_eager(module, x, pos, q, k)
+
+
+def test_graph_inputs_straight_into_the_rotation():
+    """q, k, cos, sin all graph inputs (placeholders), another input after them."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def f(q, k, cos, sin, scale):
+        q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin)
+        return q_out * scale, k_out * scale
+
+    q, k, cos, sin, *_ = rope_case.make_inputs(2, 5, 1, 3, 8, torch.float32)
+    q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    cos, sin, scale = cos.squeeze(1), sin.squeeze(1), torch.tensor(2.0)
+    report, graphs, (q_out, k_out) = compile_and_capture(f, q, k, cos, sin, scale)
+    assert report.swaps.get("rope") == 1, str(report)
+    ref_q, ref_k = f(q, k, cos, sin, scale)
+    torch.testing.assert_close(q_out, ref_q)
+    torch.testing.assert_close(k_out, ref_k)
+    (g1, g2), (r1, r2) = (torch.autograd.grad((o1.sum() + o2.sum()), (q, k)) for o1, o2 in
+                          ((q_out, k_out), (ref_q, ref_k)))
+    torch.testing.assert_close(g1, r1)
+    torch.testing.assert_close(g2, r2)
 
 
 def test_disable_leaves_rope_to_inductor():
