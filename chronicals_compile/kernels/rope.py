@@ -114,6 +114,10 @@ def _cos_strides(c: torch.Tensor, b: int, s: int, d: int) -> tuple[int, int, int
 def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 q_out: torch.Tensor, k_out: torch.Tensor, backward: bool) -> None:
     """Rotate ``q`` into ``q_out`` and ``k`` into ``k_out`` (all ``[B, H, S, D]``, any strides)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] \
+            or q.shape[3] % 2 or q_out.shape != q.shape or k_out.shape != k.shape:
+        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, S, D] with the "
+                         "same B, S and an even D")
     bsz, hq, seq, dim = q.shape
     hk = k.shape[1]
     half = dim // 2

@@ -76,7 +76,9 @@ def _register(name: str, act: int):
 
     @forward.register_fake
     def _(a: Tensor, b: Tensor) -> Tensor:
-        torch._check(a.shape == b.shape, lambda: f"chronicals::{name}: a and b shapes differ")
+        torch._check(a.dim() == b.dim(), lambda: f"chronicals::{name}: a and b shapes differ")
+        for x, y in zip(a.shape, b.shape):
+            torch._check(x == y, lambda: f"chronicals::{name}: a and b shapes differ")
         return a.new_empty(a.shape)
 
     @torch.library.custom_op(f"chronicals::{name}_backward", mutates_args=())
