@@ -291,12 +291,16 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def enable_packed_attention(model: torch.nn.Module, *, disable_cache: bool = True) -> torch.nn.Module:
+def enable_packed_attention(
+    model: torch.nn.Module, *, disable_cache: bool = True, warn_on_cache: bool = True
+) -> torch.nn.Module:
     """Switch ``model`` (plain or peft-wrapped) to document-respecting attention.
 
     Also turns ``config.use_cache`` off by default: a training forward that
     builds a KV cache wastes memory and, under compile, returns the cache
-    tensors as graph outputs. Returns the model for chaining.
+    tensors as graph outputs. With ``warn_on_cache`` a call that still asks
+    for ``use_cache=True`` in training warns once (``warn_if_cache_in_training``).
+    Returns the model for chaining.
     """
     name = register_packed_attention()
     base = _base_model(model)
@@ -312,6 +316,8 @@ def enable_packed_attention(model: torch.nn.Module, *, disable_cache: bool = Tru
     if disable_cache and getattr(base.config, "use_cache", False):
         base.config.use_cache = False
         logger.info("chronicals: set config.use_cache=False for packed training (no KV cache in training).")
+    if warn_on_cache and not getattr(base, "_chronicals_cache_hook", None):
+        base._chronicals_cache_hook = warn_if_cache_in_training(base)
     return model
 
 
@@ -319,7 +325,9 @@ _CACHE_WARNED: set[int] = set()
 
 
 def _cache_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    if not module.training or not torch.is_grad_enabled():
+    # Skipped while Dynamo traces: a warning there would be a graph break (an error with
+    # fullgraph=True); the compiled path is the backend's to report.
+    if torch.compiler.is_compiling() or not module.training or not torch.is_grad_enabled():
         return
     use_cache = kwargs.get("use_cache")
     if use_cache is None:

@@ -127,10 +127,17 @@ def test_enable_packed_attention_sets_implementation_and_turns_cache_off():
         m.config._attn_implementation == ATTN_IMPLEMENTATION for m in model.modules() if hasattr(m, "config")
     )
     assert model.config.use_cache is False
+    x = torch.randint(1, VOCAB, (1, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=x, use_cache=True)  # explicit request in training: warned by the installed hook
+        enable_packed_attention(model)  # idempotent: no second hook
+        model(input_ids=x, use_cache=True)
+    assert sum("use_cache=True" in str(w.message) for w in caught) == 1
 
 
 def test_warn_if_cache_in_training_warns_once_and_only_in_training():
-    model = tiny_model("llama", use_cache=False)
+    model = tiny_model("llama", packed=False, use_cache=False)
     handle = warn_if_cache_in_training(model)
     x = torch.randint(1, VOCAB, (1, 8))
     with warnings.catch_warnings(record=True) as caught:
