@@ -57,18 +57,19 @@ except Exception:  # pragma: no cover - depends on the torch build
     _varlen_attn = None
     _VARLEN_PARAMS = set()
 
-# torch 2.11 spells causality `is_causal=True`; 2.13 spells it `window_size=(-1, 0)`
-# and adds `enable_gqa`. Decided once here so the traced function has no introspection.
+# The public signature moved between releases: torch 2.11 (seen on an H200) takes
+# `window_size` (causal = (-1, 0)) but no `enable_gqa`; 2.13 adds `enable_gqa`; some
+# pre-releases took `is_causal`. Decided once here so the traced function has no introspection.
 _VARLEN_HAS_GQA = "enable_gqa" in _VARLEN_PARAMS
 _VARLEN_HAS_WINDOW = "window_size" in _VARLEN_PARAMS
 _VARLEN_HAS_IS_CAUSAL = "is_causal" in _VARLEN_PARAMS
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int, head_dim_axis: int) -> torch.Tensor:
+def _repeat_kv(x: torch.Tensor, n_rep: int, axis: int) -> torch.Tensor:
     """Expand kv heads so query head h reads kv head h // n_rep (transformers' convention)."""
     if n_rep == 1:
         return x
-    return torch.repeat_interleave(x, n_rep, dim=head_dim_axis)
+    return torch.repeat_interleave(x, n_rep, dim=axis)
 
 
 def _use_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None, is_causal: bool) -> bool:
@@ -321,9 +322,6 @@ def enable_packed_attention(
     return model
 
 
-_CACHE_WARNED: set[int] = set()
-
-
 def _cache_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     # Skipped while Dynamo traces: a warning there would be a graph break (an error with
     # fullgraph=True); the compiled path is the backend's to report.
@@ -332,8 +330,8 @@ def _cache_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(getattr(module, "config", None), "use_cache", False)
-    if use_cache and id(module) not in _CACHE_WARNED:
-        _CACHE_WARNED.add(id(module))
+    if use_cache and not getattr(module, "_chronicals_cache_warned", False):
+        module._chronicals_cache_warned = True
         warnings.warn(
             "Training forward with use_cache=True: transformers builds a KV cache it never uses "
             "(memory, extra graph outputs under compile). Pass use_cache=False or set "
