@@ -53,3 +53,23 @@ def test_nan_never_passes():
     ours = ref.float().clone()
     ours[3] = math.nan
     assert not measure("out", ours, ref.float() + 100, ref).ok
+
+
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_opcheck(name):
+    import chronicals_compile.ops  # noqa: F401
+
+    op = getattr(torch.ops.chronicals, name).default
+    a, b = torch.randn(3, 2 * 7, requires_grad=True).chunk(2, dim=-1)  # strided halves
+    torch.library.opcheck(op, (a, b))
+    torch.library.opcheck(op, (torch.randn(2, 3, 5, dtype=torch.bfloat16, requires_grad=True),
+                               torch.randn(2, 3, 5, dtype=torch.bfloat16, requires_grad=True)))
+
+
+def test_op_gradcheck_float64():
+    import chronicals_compile.ops  # noqa: F401
+
+    a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.chronicals.swiglu, (a, b))
+    assert torch.autograd.gradcheck(torch.ops.chronicals.geglu, (a, b))

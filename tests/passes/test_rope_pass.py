@@ -324,3 +324,19 @@ def test_default_inductor_compiler():
     report, eager, compiled = compiled_vs_eager(model, random_batch(), options={})
     assert_counts(report)
     assert_same_training_step(eager, compiled)
+
+
+def test_phi3_fused_projections_and_partial_rotary():
+    """Phi-3: q/k sliced out of one fused qkv projection, half the head dim rotated, gate and up
+    split from one fused projection: all matched in place."""
+    import transformers
+
+    config = transformers.Phi3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, use_cache=False, partial_rotary_factor=0.5,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config)
+    report, eager, compiled = compiled_vs_eager(model, random_batch(), options=FAST)
+    assert_counts(report)
+    assert_same_training_step(eager, compiled)

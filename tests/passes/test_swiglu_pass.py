@@ -196,3 +196,21 @@ def test_family_swaps_every_mlp_and_trains_like_eager(family):
     assert report.swaps.get("rms_norm") == 2 * LAYERS + 1, str(report)
     assert not [f for f in report.fallbacks if f.pattern in ("swiglu", "rope")], str(report)
     assert_same_training_step(eager, compiled)
+
+
+def _tiny(name: str, **extra):
+    import transformers
+
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, use_cache=False, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, f"{name}ForCausalLM")(config)
+
+
+def test_gemma_geglu_model():
+    """Gemma's MLP gate is gelu_pytorch_tanh: swapped for chronicals::geglu, reported as swiglu."""
+    model = _tiny("Gemma", head_dim=16, attn_implementation="sdpa")
+    report, eager, compiled = compiled_vs_eager(model, random_batch(), options=FAST)
+    assert report.swaps.get("swiglu") == LAYERS and report.swaps.get("rope") == LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
