@@ -65,7 +65,8 @@ class _Source:
                 raise ValueError("the datasets.Dataset needs an 'input_ids' column")
             self.has_labels = "labels" in data.column_names
         else:
-            self.has_labels = labels is not None or (len(data) > 0 and isinstance(data[0], Mapping) and "labels" in data[0])
+            first = data[0] if len(data) > 0 else None
+            self.has_labels = labels is not None or (isinstance(first, Mapping) and "labels" in first)
         if labels is not None and len(labels) != len(data):
             raise ValueError(f"{len(labels)} label sequences for {len(data)} input sequences")
 
@@ -137,8 +138,8 @@ class PackedDataset(torch.utils.data.Dataset):
                 cache[piece.seq] = self._source.get(piece.seq)
             ids, lab = cache[piece.seq]
             ids_out.append(ids[piece.start : piece.end])
-            if lab is not None:
-                labels_out.append(lab[piece.start : piece.end])
+            if self._source.has_labels:  # a document without labels trains on all its tokens
+                labels_out.append((ids if lab is None else lab)[piece.start : piece.end])
         item = {"input_ids": ids_out}
         if self._source.has_labels:
             item["labels"] = labels_out
@@ -202,6 +203,8 @@ class PackingCollator:
             for f in feats:
                 labs = f.get("labels")
                 labs = [None] * len(f["input_ids"]) if labs is None else labs
+                if len(labs) != len(f["input_ids"]):
+                    raise ValueError(f"a pack has {len(f['input_ids'])} documents but {len(labs)} label lists")
                 rows.append([doc(i, l) for i, l in zip(f["input_ids"], labs)])
             return rows
         if any(self._is_pack(f["input_ids"]) for f in feats):

@@ -66,6 +66,8 @@ def test_rows_of_packs_and_flattened_boundaries():
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8, 14, 16]
     assert batch["max_length_q"] == 6
     assert batch["num_items_in_batch"].item() == 2 + 1 + 5
+    with pytest.raises(ValueError, match="2 documents but 1 label lists"):
+        PackingCollator()([{"input_ids": [[1, 2], [3, 4]], "labels": [[1, 2]]}])
     with pytest.raises(ValueError, match="all packs or all single documents"):
         PackingCollator()([{"input_ids": [[1, 2]]}, {"input_ids": [1, 2]}])
 
