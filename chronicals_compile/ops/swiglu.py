@@ -61,6 +61,13 @@ def geglu_reference(a: Tensor, b: Tensor) -> Tensor:
     return gated_reference(a, b, GELU_TANH)
 
 
+def _triton_ok(*tensors: Tensor) -> bool:
+    """The kernels compute in fp32: float64 (or a dtype mix the pass never produces) takes the
+    reference path, which is exact for it."""
+    return all(t.dtype == tensors[0].dtype for t in tensors) and \
+        tensors[0].dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _register(name: str, act: int):
     """Define ``chronicals::{name}`` and ``chronicals::{name}_backward`` for one activation."""
 
@@ -70,6 +77,8 @@ def _register(name: str, act: int):
 
     @forward.register_kernel("cuda")
     def _(a: Tensor, b: Tensor) -> Tensor:
+        if not _triton_ok(a, b):
+            return gated_reference(a, b, act)
         from ..kernels.swiglu import gated_forward
 
         return gated_forward(a, b, act)
@@ -87,6 +96,8 @@ def _register(name: str, act: int):
 
     @backward.register_kernel("cuda")
     def _(grad: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        if not _triton_ok(grad, a, b):
+            return gated_backward_reference(grad, a, b, act)
         from ..kernels.swiglu import gated_backward
 
         return gated_backward(grad, a, b, act)
