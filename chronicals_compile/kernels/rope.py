@@ -95,9 +95,11 @@ _TILE = 2048
 def _blocks(hq: int, hk: int, half: int) -> tuple[int, int, int, int, int]:
     block_d2 = max(2, triton.next_power_of_2(half))
     cap = max(1, _TILE // block_d2)
-    block_hq = min(triton.next_power_of_2(hq), cap)
-    block_hk = min(triton.next_power_of_2(hk), cap)
-    block_r = max(1, min(16, _TILE // (block_hq * block_d2)))
+    # Every block dim at least 2 (a size-1 arange is legal, but nothing is gained by testing
+    # the compiler on it; masked lanes cost no memory traffic).
+    block_hq = max(2, min(triton.next_power_of_2(hq), cap))
+    block_hk = max(2, min(triton.next_power_of_2(hk), cap))
+    block_r = max(2, min(16, _TILE // (block_hq * block_d2)))
     warps = 4 if block_r * block_hq * block_d2 <= 2048 else 8
     return block_r, block_hq, block_hk, block_d2, warps
 
