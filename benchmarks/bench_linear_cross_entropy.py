@@ -180,11 +180,9 @@ def sweep(device: str = "cuda", shape=(16384, 896, 151936), dtype=torch.bfloat16
         {},
         {"block_v": 256},
         {"block_n": 64, "block_v": 256, "num_stages": 4},
-        {"block_n": 128, "block_v": 256, "block_d": 64, "num_stages": 3, "num_warps": 8},
         {"block_n": 128, "block_v": 128, "num_stages": 4},
         {"block_n": 64, "block_v": 128, "num_warps": 4, "num_stages": 4},
         {"group_n": 16},
-        {"chunk_rows": 4096},
         {"chunk_rows": 8192},
     ]
     rows = []
@@ -210,7 +208,8 @@ def main() -> None:
     import os
     import sys
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [here, os.path.dirname(here)]
     from table import markdown
 
     p = argparse.ArgumentParser()

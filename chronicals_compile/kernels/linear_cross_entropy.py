@@ -335,7 +335,7 @@ def forward(h, w, target, ignore_index: int = -100, reduction: str = "mean",
         lse = torch.empty((0,), dtype=torch.float32, device=h.device)
         empty = torch.zeros((), dtype=torch.float32, device=h.device)
         return (empty / 0 if reduction == "mean" else empty), lse
-    h, w = _rows_contiguous(h), _rows_contiguous(w)
+    h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
     lse, zt, sumz = _launch_stats(h, w, target, softcap, scale, label_smoothing != 0.0, tiles)
     row_loss, valid = _row_losses(lse, zt, sumz, target, v, ignore_index, label_smoothing)
     return _reduce(row_loss, valid, reduction), lse
@@ -424,7 +424,7 @@ def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str =
     """dh, dW of ``grad * loss`` recomputing the logit tiles; an unneeded one is a [0] tensor."""
     _check(h, w, target)
     tiles = tiles or default_tiles(h.dtype, h.device)
-    h, w = _rows_contiguous(h), _rows_contiguous(w)
+    h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
     row_w = _row_weights(grad, target, ignore_index, reduction)
     return _gradients(h, w, target, lse.float().contiguous(), row_w, label_smoothing=label_smoothing,
                       softcap=softcap, scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles,
@@ -441,7 +441,7 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
     if not (need_dh or need_dw):
         loss, _ = forward(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale, tiles)
         return loss, h.new_empty((0,)), w.new_empty((0,))
-    h, w = _rows_contiguous(h), _rows_contiguous(w)
+    h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
     n, v = h.shape[0], w.shape[0]
     smooth = label_smoothing != 0.0
     valid = target != ignore_index

@@ -20,7 +20,7 @@ REAL = [(2048, 896, 151936), (1024, 2304, 256000), (1024, 4096, 128256)]
 @pytest.mark.parametrize("tokens,hidden,vocab", REAL)
 def test_real_shapes_bf16(tokens, hidden, vocab, mode):
     assert_all_ok(case.check(tokens=tokens, hidden=hidden, vocab=vocab, dtype=torch.bfloat16, ignore="some",
-                             mode=mode, seed=hidden, device="cuda"))
+                             mode=mode, seed=hidden, device="cuda", dw_rows=16384))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -30,7 +30,7 @@ def test_every_option_at_once(dtype, mode):
                              label_smoothing=0.1, softcap=3.0, scale=0.5, mode=mode, seed=7, device="cuda"))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(case.cases(max_tokens=300, max_vocab=5000, max_hidden=896,
                   dtypes=[torch.bfloat16, torch.float16, torch.float32]))
 def test_hypothesis_cases(params):
@@ -41,7 +41,7 @@ def test_hypothesis_cases(params):
 def test_peak_memory_is_far_below_materialised_logits(mode):
     from chronicals_compile.kernels import linear_cross_entropy as k
 
-    n, d, v = 8192, 896, 151936
+    n, d, v = 16384, 896, 151936
     h, w, t, _ = case.make_inputs(n, d, v, torch.bfloat16, "some", 0, "cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -54,8 +54,9 @@ def test_peak_memory_is_far_below_materialised_logits(mode):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     logits_bf16 = n * v * 2
-    # dh + fp32 dW accumulator + a [chunk, V] gradient buffer (about 2 x W): a few x W, not N x V
-    assert extra < logits_bf16 / 2, (extra / 2**20, logits_bf16 / 2**20)
+    # dh + fp32 dW accumulator (2 x W) + a [chunk, V] gradient buffer (about 2 x W) + dW (W):
+    # about 1.4 GB here, against 5 GB for the bf16 logits alone (eager also keeps fp32 copies)
+    assert extra < logits_bf16 / 3, (extra / 2**20, logits_bf16 / 2**20)
     del out
 
 
