@@ -42,6 +42,21 @@ def test_num_items_in_batch_padded_labels_tied_and_untied(tie):
         assert "model.embed_tokens.weight" in compiled[1]
 
 
+def test_gemma2_soft_cap_and_tied_embedding():
+    """Gemma 2: ``logits / cap -> tanh -> * cap`` between lm_head (the tied embedding) and the loss."""
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, final_logit_softcapping=5.0,
+        use_cache=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config)
+    report, eager, compiled = compiled_vs_eager(model, random_batch(pad_labels=2), options=FAST)
+    assert report.swaps.get(NAME) == 1, str(report)
+    assert_same_training_step(eager, compiled)
+
+
 def test_peft_lora_frozen_lm_head():
     import peft
 
