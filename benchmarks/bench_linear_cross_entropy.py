@@ -6,7 +6,9 @@ Variants, each computing ``mean CE(h @ W.T, target)`` and the gradients of h and
 * ``torch.compile``: the same function through Inductor.
 * ``chronicals (recompute)``: ``chronicals::linear_cross_entropy``; backward recomputes logit tiles.
 * ``chronicals (fused)``: ``chronicals::linear_cross_entropy_fused``; gradients during the forward
-  (what the pass uses for training graphs).
+  (what the pass uses for training graphs), logits from our tl.dot tile kernel.
+* ``chronicals (fused, matmul logits)``: the same op with ``CHRONICALS_CCE_LOGITS=matmul``: each
+  row chunk's logits from one cuBLAS GEMM, then a Triton row kernel (statistics, G in place).
 * ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (if it imports).
 * ``cce`` / ``cce exact``: Apple's ``cut_cross_entropy.linear_cross_entropy``, default
   (gradient filtering, approximate) and ``filter_eps=None`` (exact), if it imports.
@@ -35,14 +37,26 @@ def _eager(h, w, t):
 
 def _variants() -> dict:
     import chronicals_compile.ops  # noqa: F401
+    from chronicals_compile.kernels import linear_cross_entropy as k
 
     ops = torch.ops.chronicals
+
+    def fused(h, w, t):
+        return ops.linear_cross_entropy_fused(h, w, t, -100, "mean", 0.0, 0.0, 1.0, h.requires_grad, w.requires_grad)[0]
+
+    def fused_matmul(h, w, t):
+        old, k.FUSED_LOGITS = k.FUSED_LOGITS, "matmul"
+        try:
+            return fused(h, w, t)
+        finally:
+            k.FUSED_LOGITS = old
+
     variants = {
         "eager": _eager,
         "torch.compile": torch.compile(_eager, dynamic=False),
         "chronicals (recompute)": lambda h, w, t: ops.linear_cross_entropy(h, w, t, -100, "mean", 0.0, 0.0, 1.0)[0],
-        "chronicals (fused)": lambda h, w, t: ops.linear_cross_entropy_fused(
-            h, w, t, -100, "mean", 0.0, 0.0, 1.0, h.requires_grad, w.requires_grad)[0],
+        "chronicals (fused)": fused,
+        "chronicals (fused, matmul logits)": fused_matmul,
     }
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -184,6 +198,8 @@ def sweep(device: str = "cuda", shape=(16384, 896, 151936), dtype=torch.bfloat16
         {"block_n": 64, "block_v": 128, "num_warps": 4, "num_stages": 4},
         {"group_n": 16},
         {"chunk_rows": 8192},
+        {"row_block": 8192, "row_warps": 16},
+        {"row_block": 2048, "row_warps": 4},
     ]
     rows = []
     for cfg in configs:
@@ -194,6 +210,7 @@ def sweep(device: str = "cuda", shape=(16384, 896, 151936), dtype=torch.bfloat16
             row["fwd ms"] = round(_bench(lambda: k.forward(h, w, t, tiles=tiles), 300), 2)
             row["bwd ms"] = round(_bench(lambda: k.backward(one, h, w, t, lse, tiles=tiles), 300), 2)
             row["fused ms"] = round(_bench(lambda: k.fused(h, w, t, tiles=tiles), 300), 2)
+            row["fused matmul ms"] = round(_bench(lambda: k.fused(h, w, t, tiles=tiles, logits="matmul"), 300), 2)
             row["recompute total"] = round(row["fwd ms"] + row["bwd ms"], 2)
         except Exception as err:  # noqa: BLE001
             row["error"] = repr(err)[:120]

@@ -40,6 +40,9 @@ Two ways to run a training step (both exact, same numbers up to rounding):
   logits, the grad kernel turns them into G in place, and the GEMMs produce dh/dW for an
   incoming gradient of 1; backward multiplies them by the real incoming gradient (a scalar,
   since the loss is reduced). 3 matmul-equivalents plus a few passes over the chunk buffer.
+  ``logits="matmul"`` (or ``CHRONICALS_CCE_LOGITS=matmul``) gets each chunk's logits from one
+  cuBLAS GEMM instead and ``_ce_rows_kernel`` does statistics and G per row: the same 3 GEMMs
+  any exact method runs, at cuBLAS speed, plus two passes over the chunk buffer.
 
 Everything here is plain launchers over tensors (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 """
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import triton
@@ -196,6 +200,60 @@ def _cce_grad_kernel(H, W, T, LSE, ROW_W, G,
         tl.store(g_ptrs, g.to(G.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _ce_rows_kernel(Z, T, ROW_W, LSE_OUT, ZT_OUT, SZ_OUT, V, stride_z,
+                    scale, softcap, target_weight, uniform_weight,
+                    BLOCK_V: tl.constexpr, HAS_SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+                    SMOOTH: tl.constexpr):
+    """One row of materialised raw logits (a matmul's output): statistics, then G in place."""
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_z
+    tgt = tl.load(T + row)
+    w_row = tl.load(ROW_W + row)
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)  # per-lane online log-sum-exp
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    zt = tl.zeros((BLOCK_V,), tl.float32)
+    sz = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        z = _transform(tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), scale, softcap,
+                       HAS_SCALE, SOFTCAP)
+        zm = tl.where(ok, z, float("-inf"))
+        new_m = tl.maximum(m, zm)
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - safe) + tl.exp(zm - safe)
+        m = new_m
+        zt += tl.where(cols == tgt, z, 0.0)
+        if SMOOTH:
+            sz += tl.where(ok, z, 0.0)
+    top = tl.max(m, axis=0)
+    lse = top + tl.log(tl.sum(s * tl.exp(m - top), axis=0))
+    tl.store(LSE_OUT + row, lse)
+    tl.store(ZT_OUT + row, tl.sum(zt, axis=0))
+    if SMOOTH:
+        tl.store(SZ_OUT + row, tl.sum(sz, axis=0))
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        if w_row == 0.0:
+            g = tl.zeros((BLOCK_V,), tl.float32)
+        else:
+            z = _transform(tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), scale, softcap,
+                           HAS_SCALE, SOFTCAP)
+            g = tl.exp(z - lse) - tl.where(cols == tgt, target_weight, 0.0)
+            if SMOOTH:
+                g = g - uniform_weight
+            g = g * w_row
+            if SOFTCAP:
+                t = z / softcap
+                g = g * (1.0 - t * t)
+            if HAS_SCALE:
+                g = g * scale
+        tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=ok)
+
+
 # --------------------------------------------------------------------------------------------
 # Launch parameters
 # --------------------------------------------------------------------------------------------
@@ -214,11 +272,15 @@ class Tiles:
     tiles_per_group: int | None = None
     #: rows per gradient chunk (None: sized so the [chunk, V] buffer is about twice W)
     chunk_rows: int | None = None
+    #: vocab block of the row kernel (matmul-logits fused mode)
+    row_block: int = 4096
+    row_warps: int = 8
 
 
 def default_tiles(dtype: torch.dtype, device: torch.device) -> Tiles:
     if device.type != "cuda":
-        return Tiles(block_n=16, block_v=32, block_d=16, group_n=4, num_warps=4, num_stages=1)
+        return Tiles(block_n=16, block_v=32, block_d=16, group_n=4, num_warps=4, num_stages=1,
+                     row_block=64, row_warps=4)
     if dtype == torch.float32:  # IEEE fp32 dot: bigger operands, less shared memory per tile
         return Tiles(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
     return Tiles()
@@ -374,33 +436,33 @@ def _accumulate_dw(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
     acc.add_(torch.mm(g.t(), h))
 
 
-def _gradients(h, w, target, lse, row_w, *, label_smoothing, softcap, scale, need_dh, need_dw,
-               tiles: Tiles, recompute: bool, z_sink=None):
-    """dh, dW for ``loss`` whose per-row weights are ``row_w``.
+def _grad_tiles(h, w, target, lse, row_w, g, *, label_smoothing, softcap, scale, tiles: Tiles,
+                recompute: bool) -> None:
+    """Write G for the rows of ``h`` into ``g`` (which holds their logits unless ``recompute``)."""
+    n, d = h.shape
+    v = w.shape[0]
+    _cce_grad_kernel[(triton.cdiv(n, tiles.block_n) * triton.cdiv(v, tiles.block_v),)](
+        h, w, target, lse, row_w, g, n, v, d, h.stride(0), w.stride(0), g.stride(0),
+        float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / v,
+        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+        GROUP_N=tiles.group_n, EVEN_D=d % tiles.block_d == 0, HAS_SCALE=scale != 1.0,
+        SOFTCAP=softcap != 0.0, SMOOTH=label_smoothing != 0.0, RECOMPUTE=recompute,
+        DOT_PRECISION=_dot_precision(h.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
-    ``recompute``: logits come from ``tl.dot``; else ``z_sink(r0, r1, buf)`` fills ``buf`` with
-    the chunk's transformed logits (and returns its lse) before G is formed in place.
-    """
+
+def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles):
+    """dh, dW from per-chunk gradient tiles: ``fill(r0, r1, buf)`` writes G of rows r0:r1."""
     n, d = h.shape
     v = w.shape[0]
     dh = torch.empty_like(h) if need_dh else h.new_empty((0,))
     dw32 = torch.zeros((v, d), dtype=torch.float32, device=h.device) if need_dw else None
-    if n and (need_dh or need_dw):
+    if n:
         rows = _chunk_rows(n, v, d, h.element_size(), tiles)
         buf = torch.empty((min(rows, n), v), dtype=h.dtype, device=h.device)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             g = buf[: r1 - r0]
-            lse_c = lse[r0:r1] if recompute else z_sink(r0, r1, g)
-            _cce_grad_kernel[(triton.cdiv(r1 - r0, tiles.block_n) * triton.cdiv(v, tiles.block_v),)](
-                h[r0:r1], w, target[r0:r1], lse_c, row_w[r0:r1], g,
-                r1 - r0, v, d, h.stride(0), w.stride(0), g.stride(0),
-                float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / v,
-                BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-                GROUP_N=tiles.group_n, EVEN_D=d % tiles.block_d == 0, HAS_SCALE=scale != 1.0,
-                SOFTCAP=softcap != 0.0, SMOOTH=label_smoothing != 0.0, RECOMPUTE=recompute,
-                DOT_PRECISION=_dot_precision(h.dtype),
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            fill(r0, r1, g)
             if need_dh:
                 if g.device.type == "cuda" or g.dtype == torch.float32:
                     torch.mm(g, w, out=dh[r0:r1])
@@ -408,8 +470,6 @@ def _gradients(h, w, target, lse, row_w, *, label_smoothing, softcap, scale, nee
                     dh[r0:r1] = (g.float() @ w.float()).to(dh.dtype)
             if need_dw:
                 _accumulate_dw(dw32, g, h[r0:r1])
-    elif need_dh:
-        dh.zero_()
     if not need_dw:
         dw = w.new_empty((0,))
     else:
@@ -426,18 +486,33 @@ def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str =
     tiles = tiles or default_tiles(h.dtype, h.device)
     h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
     row_w = _row_weights(grad, target, ignore_index, reduction)
-    return _gradients(h, w, target, lse.float().contiguous(), row_w, label_smoothing=label_smoothing,
-                      softcap=softcap, scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles,
-                      recompute=True)
+    lse = lse.float().contiguous()
+    if not (need_dh or need_dw):
+        return h.new_empty((0,)), w.new_empty((0,))
+
+    def fill(r0, r1, g):
+        _grad_tiles(h[r0:r1], w, target[r0:r1], lse[r0:r1], row_w[r0:r1], g, label_smoothing=label_smoothing,
+                    softcap=softcap, scale=scale, tiles=tiles, recompute=True)
+
+    return _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles)
+
+
+#: How the fused mode gets each chunk's logits: ``tiles`` (our tl.dot kernel with the online
+#: log-sum-exp epilogue, fp32 statistics) or ``matmul`` (one cuBLAS GEMM into the chunk buffer, then
+#: a row kernel; the logits are rounded to the input dtype first, as torch's own linear does).
+FUSED_LOGITS = os.environ.get("CHRONICALS_CCE_LOGITS", "tiles")
 
 
 def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
           label_smoothing: float = 0.0, softcap: float = 0.0, scale: float = 1.0,
           need_dh: bool = True, need_dw: bool = True,
-          tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          tiles: Tiles | None = None, logits: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss plus dh and dW for an incoming gradient of 1, the logits computed once per chunk."""
     _check(h, w, target)
     tiles = tiles or default_tiles(h.dtype, h.device)
+    logits = logits or FUSED_LOGITS
+    if logits not in ("tiles", "matmul"):
+        raise ValueError(f"logits must be 'tiles' or 'matmul', got {logits!r}")
     if not (need_dh or need_dw):
         loss, _ = forward(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale, tiles)
         return loss, h.new_empty((0,)), w.new_empty((0,))
@@ -446,16 +521,28 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
     smooth = label_smoothing != 0.0
     valid = target != ignore_index
     row_w = _row_weights(torch.ones((), device=h.device), target, ignore_index, reduction, valid)
-    row_loss = torch.empty((n,), dtype=torch.float32, device=h.device)
+    row_loss = torch.zeros((n,), dtype=torch.float32, device=h.device)
 
-    def z_sink(r0, r1, buf):
-        lse, zt, sumz = _launch_stats(h[r0:r1], w, target[r0:r1], softcap, scale, smooth, tiles, z_out=buf)
-        row_loss[r0:r1] = _row_losses(lse, zt, sumz, target[r0:r1], v, ignore_index, label_smoothing)[0]
-        return lse
+    def fill(r0, r1, g):
+        hc, tc = h[r0:r1], target[r0:r1]
+        if logits == "tiles":
+            lse, zt, sumz = _launch_stats(hc, w, tc, softcap, scale, smooth, tiles, z_out=g)
+            _grad_tiles(hc, w, tc, lse, row_w[r0:r1], g, label_smoothing=label_smoothing, softcap=softcap,
+                        scale=scale, tiles=tiles, recompute=False)
+        else:
+            if g.device.type == "cuda" or g.dtype == torch.float32:
+                torch.mm(hc, w.t(), out=g)
+            else:
+                g.copy_(hc.float() @ w.float().t())
+            stats = torch.empty((3, r1 - r0), dtype=torch.float32, device=h.device)
+            block = min(tiles.row_block, triton.next_power_of_2(v))
+            _ce_rows_kernel[(r1 - r0,)](
+                g, tc, row_w[r0:r1], stats[0], stats[1], stats[2], v, g.stride(0),
+                float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / v,
+                BLOCK_V=block, HAS_SCALE=scale != 1.0, SOFTCAP=softcap != 0.0, SMOOTH=smooth,
+                num_warps=tiles.row_warps)
+            lse, zt, sumz = stats[0], stats[1], stats[2] if smooth else None
+        row_loss[r0:r1] = _row_losses(lse, zt, sumz, tc, v, ignore_index, label_smoothing)[0]
 
-    dh, dw = _gradients(h, w, target, None, row_w, label_smoothing=label_smoothing, softcap=softcap,
-                        scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles, recompute=False,
-                        z_sink=z_sink)
-    if n == 0:
-        row_loss = row_loss[:0]
+    dh, dw = _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles)
     return _reduce(row_loss, valid, reduction), dh, dw

@@ -28,7 +28,9 @@ recomputing them, so the pattern is left alone (reported) unless the policy is `
 
 Training graphs get ``linear_cross_entropy_fused`` (gradients computed during the forward, the
 logits computed once) unless ``CHRONICALS_CCE_MODE=recompute`` selects the forward op whose
-backward recomputes the logit tiles.
+backward recomputes the logit tiles; graphs without gradients get the forward op alone. (An
+environment variable because ``config.Options`` has no key for it yet; the fused op's CUDA
+implementation likewise reads ``CHRONICALS_CCE_LOGITS=tiles|matmul``.)
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 REAL = [(2048, 896, 151936), (1024, 2304, 256000), (1024, 4096, 128256)]
 
 
-@pytest.mark.parametrize("mode", ["recompute", "fused"])
+@pytest.mark.parametrize("mode", case.MODES)
 @pytest.mark.parametrize("tokens,hidden,vocab", REAL)
 def test_real_shapes_bf16(tokens, hidden, vocab, mode):
     assert_all_ok(case.check(tokens=tokens, hidden=hidden, vocab=vocab, dtype=torch.bfloat16, ignore="some",
@@ -24,7 +24,7 @@ def test_real_shapes_bf16(tokens, hidden, vocab, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("mode", ["recompute", "fused"])
+@pytest.mark.parametrize("mode", case.MODES)
 def test_every_option_at_once(dtype, mode):
     assert_all_ok(case.check(tokens=1000, hidden=896, vocab=32003, dtype=dtype, reduction="sum", ignore="some",
                              label_smoothing=0.1, softcap=3.0, scale=0.5, mode=mode, seed=7, device="cuda"))
@@ -37,7 +37,7 @@ def test_hypothesis_cases(params):
     assert_all_ok(case.check(**params, device="cuda"))
 
 
-@pytest.mark.parametrize("mode", ["recompute", "fused"])
+@pytest.mark.parametrize("mode", case.MODES)
 def test_peak_memory_is_far_below_materialised_logits(mode):
     from chronicals_compile.kernels import linear_cross_entropy as k
 
@@ -46,8 +46,8 @@ def test_peak_memory_is_far_below_materialised_logits(mode):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    if mode == "fused":
-        out = k.fused(h, w, t)
+    if mode != "recompute":
+        out = k.fused(h, w, t, logits="matmul" if mode == "fused_matmul" else "tiles")
     else:
         loss, lse = k.forward(h, w, t)
         out = k.backward(torch.tensor(1.0, device="cuda"), h, w, t, lse)

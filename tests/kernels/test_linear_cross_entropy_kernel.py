@@ -20,7 +20,7 @@ def test_matches_float64(params):
     assert_all_ok(case.check(**params))
 
 
-@pytest.mark.parametrize("mode", ["recompute", "fused"])
+@pytest.mark.parametrize("mode", case.MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_option_at_once(mode, dtype):
     assert_all_ok(case.check(tokens=37, hidden=40, vocab=300, dtype=dtype, reduction="mean", ignore="some",
@@ -30,11 +30,11 @@ def test_every_option_at_once(mode, dtype):
 
 @pytest.mark.parametrize("hidden", [896, 2304])
 def test_real_hidden_sizes(hidden):
-    for mode in ("recompute", "fused"):
+    for mode in case.MODES:
         assert_all_ok(case.check(tokens=5, hidden=hidden, vocab=37, dtype=torch.float16, mode=mode, seed=hidden))
 
 
-@pytest.mark.parametrize("mode", ["recompute", "fused"])
+@pytest.mark.parametrize("mode", case.MODES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_all_rows_ignored_like_torch(mode, reduction):
     """mean: NaN loss (0/0), sum: 0; gradients are zeros, never NaN."""
@@ -86,14 +86,14 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("mode", ["recompute", "fused"])
+@pytest.mark.parametrize("mode", case.MODES)
 def test_never_allocates_tokens_times_vocab(mode):
     n, d, v, chunk = 37, 8, 300, 8
     h, w, t, _ = case.make_inputs(n, d, v, torch.float16, "some", 2)
     tiles = k.Tiles(block_n=16, block_v=32, block_d=16, group_n=2, num_warps=4, num_stages=1, chunk_rows=chunk)
     with _LargestAllocation() as seen:
-        if mode == "fused":
-            k.fused(h, w, t, label_smoothing=0.1, tiles=tiles)
+        if mode != "recompute":
+            k.fused(h, w, t, label_smoothing=0.1, tiles=tiles, logits="matmul" if mode == "fused_matmul" else "tiles")
         else:
             _, lse = k.forward(h, w, t, label_smoothing=0.1, tiles=tiles)
             k.backward(torch.tensor(1.0), h, w, t, lse, label_smoothing=0.1, tiles=tiles)
