@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device call: the end-to-end table, the GPU equivalence tests, then the per-op microbenchmarks,
+# each under its own time limit, every result written under $OUT as soon as it exists.
+# Usage (device tool, carry .whl): bash benchmarks/gpu_session.sh [e2e_s] [tests_s] [micro_s]
+set -uo pipefail
+export PYTHONUNBUFFERED=1 OUT="${OUT:-benchmarks/results}"
+S=/tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --target $S .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH=$S:$PWD
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "(editable install failed: backend by name unavailable)"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+echo "== e2e"
+timeout "${1:-240}" python3 benchmarks/e2e.py --shapes qwen0.5b-8x2048 --modes full \
+  --variants "${E2E_VARIANTS:-eager,inductor,chronicals}" --steps 10 --warmup 3 --out "$OUT" --name e2e 2>&1 | grep -v Warning
+echo "== gpu tests"
+timeout "${2:-90}" python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+echo "== micro"
+timeout "${3:-90}" python3 benchmarks/gpu_micro.py --ops ${MICRO_OPS:-rms_norm linear_cross_entropy swiglu rope} --out "$OUT" 2>&1 | grep -v Warning
