@@ -16,8 +16,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 REAL = [(2048, 896, 151936), (1024, 2304, 256000), (1024, 4096, 128256)]
 
 
-@pytest.mark.parametrize("mode", case.MODES)
-@pytest.mark.parametrize("tokens,hidden,vocab", REAL)
+@pytest.mark.parametrize("tokens,hidden,vocab,mode", [
+    (*REAL[0], "recompute"), (*REAL[0], "fused"), (*REAL[0], "fused_matmul"),
+    (*REAL[1], "fused"), (*REAL[2], "fused"),
+])
 def test_real_shapes_bf16(tokens, hidden, vocab, mode):
     assert_all_ok(case.check(tokens=tokens, hidden=hidden, vocab=vocab, dtype=torch.bfloat16, ignore="some",
                              mode=mode, seed=hidden, device="cuda", dw_rows=16384))
@@ -30,7 +32,7 @@ def test_every_option_at_once(dtype, mode):
                              label_smoothing=0.1, softcap=3.0, scale=0.5, mode=mode, seed=7, device="cuda"))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(case.cases(max_tokens=300, max_vocab=5000, max_hidden=896,
                   dtypes=[torch.bfloat16, torch.float16, torch.float32]))
 def test_hypothesis_cases(params):
@@ -60,7 +62,7 @@ def test_peak_memory_is_far_below_materialised_logits(mode):
     del out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_pass_on_cuda_model_with_inductor(dtype):
     from chronicals_compile.testing import random_batch, tiny_model
     from chronicals_compile.testing.equivalence import compiled_vs_eager
