@@ -63,13 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per packed row; longer prompt/response examples are truncated, longer "
                         "text examples split (default: 256)")
     g.add_argument("--batch-tokens", type=int, default=None,
-                   help="tokens per step = rows x max-len (default: 4096 on GPU, 1024 on CPU)")
+                   help="tokens per step = rows x max-len (default: 4096 on GPU, 512 on CPU)")
 
     g = p.add_argument_group("training")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, default=None, help="optimizer steps")
     steps.add_argument("--epochs", type=float, default=None,
-                       help="passes over the data (default: embedded data 5 on GPU, 2 on CPU; else 1)")
+                       help="passes over the data (default: 5 on GPU for the embedded data, else 1)")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate, linear warm-up then cosine decay (default: 1e-3 for random "
                         "weights, 2e-5 full / 2e-4 LoRA for a pretrained folder)")
@@ -281,14 +281,15 @@ def run(args: argparse.Namespace) -> int:
     lengths = [len(x) for x in tok.dataset["input_ids"]]
     packed = PackedDataset(tok.dataset, args.max_len, overflow="split")
     n_packs = len(packed)
-    rows = max(1, (args.batch_tokens or (4096 if on_gpu else 1024)) // args.max_len)
+    rows = max(1, (args.batch_tokens or (4096 if on_gpu else 512)) // args.max_len)
     rows = min(rows, n_packs)
     steps_per_epoch = max(1, n_packs // rows)
     if args.steps is not None:
         total_steps = args.steps
     else:
-        epochs = args.epochs if args.epochs is not None else (
-            (5 if on_gpu else 2) if args.dataset is None else 1)
+        # The embedded default is sized for a 2-core CPU in a few minutes, compile included
+        # (1 epoch = 192 steps of 2 x 256 tokens); a GPU does five epochs of 16 x 256 in seconds.
+        epochs = args.epochs if args.epochs is not None else (5 if on_gpu and args.dataset is None else 1)
         total_steps = max(1, round(epochs * steps_per_epoch))
 
     # ---- model
