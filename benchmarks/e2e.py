@@ -96,7 +96,11 @@ def worker(spec: dict) -> dict:
     model = presets.build_model(preset, vocab, dtype=dtype, device=device, seed=spec["seed"])
     model.config.use_cache = False
     if spec.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renames it activation_checkpointing_enable (the old name warns).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from chronicals_compile.cli import finetune
-from conftest import error_lines, write_jsonl
+from cli_helpers import error_lines, write_jsonl
 
 TINY = ["finetune", "--model", "tiny", "--max-len", "64", "--batch-tokens", "512", "--seed", "0"]
 
@@ -77,10 +77,10 @@ def test_local_folder_model_with_prompt_response_file(full_run, cli, tmp_path):
 
 
 def test_lora_run_saves_an_adapter(cli, tmp_path):
-    code, stdout, err = cli(*TINY, "--steps", "4", "--lora-r", "4", "--compiler", "aot_eager",
-                            "--output-dir", tmp_path)
+    code, stdout, err = cli(*TINY, "--steps", "4", "--lora-r", "4", "--gradient-checkpointing",
+                            "--compiler", "aot_eager", "--output-dir", tmp_path)
     assert code == 0, err
-    assert "LoRA r=4" in stdout and "LoRA+ ratio 16" in stdout
+    assert "LoRA r=4" in stdout and "LoRA+ ratio 16" in stdout and "gradient checkpointing" in stdout
     files = os.listdir(tmp_path / "model")
     assert "adapter_config.json" in files and "adapter_model.safetensors" in files
     assert "model.safetensors" not in files

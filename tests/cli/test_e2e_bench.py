@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from cli_helpers import REPO
 
 
 def test_e2e_tiny_cpu(tmp_path):
