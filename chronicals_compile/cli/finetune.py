@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
 
 from .data import DataError
 
@@ -460,9 +459,8 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
 
     os.makedirs(output_dir, exist_ok=True)
-    if losses:
-        metrics.plot_loss(losses, os.path.join(output_dir, "loss.png"),
-                          title=f"chronicals finetune: {model_desc}")
+    plotted = bool(losses) and metrics.plot_loss(losses, os.path.join(output_dir, "loss.png"),
+                                                 title=f"chronicals finetune: {model_desc}")
     if interrupted:
         where = f"{model_dir} (step {last_saved})" if last_saved else "none was saved in this run"
         print(f"\nchronicals: interrupted at step {step}/{total_steps}; last complete checkpoint: {where}",
@@ -501,7 +499,8 @@ def run(args: argparse.Namespace) -> int:
         f"  peak memory     {metrics.human_bytes(mem)} ({mem_kind})",
         f"  time            {total_s:.1f} s total, {setup_s:.1f} s setup, {sum(step_times):.1f} s training",
         f"  saved           {model_dir} ({'adapter' if args.lora_r else 'model'} + tokenizer), "
-        f"{os.path.join(output_dir, 'loss.png')}, metrics.json, report.txt",
+        + (f"{os.path.join(output_dir, 'loss.png')}, " if plotted else "no loss.png (matplotlib missing), ")
+        + "metrics.json, report.txt",
     ]
     if args.no_compile:
         report_text = "chronicals: --no-compile: eager baseline, nothing compiled"

@@ -17,7 +17,6 @@ import dataclasses
 import importlib
 import inspect
 import math
-import os
 import pkgutil
 import sys
 import time
@@ -47,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a few small examples per op (under a minute on a CPU)")
     p.add_argument("--examples", type=int, default=None,
-                   help="hypothesis examples per op (default: 20 with --quick, 50 otherwise on CPU, 200 on GPU)")
+                   help="hypothesis examples per op (default: 20 with --quick, 50 otherwise on CPU, 100 on GPU)")
     p.add_argument("--seed", type=int, default=0, help="hypothesis seed (default: 0, reproducible)")
     p.add_argument("--ops", default=None, help="comma-separated subset of ops (default: all that exist)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -193,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         modules = [(n, m) for n, m in modules if n in wanted]
     if not modules:
         raise UsageError("no verify modules found in chronicals_compile/verify")
-    examples = args.examples or (20 if args.quick else (200 if device == "cuda" else 50))
+    examples = args.examples or (20 if args.quick else (100 if device == "cuda" else 50))
     where = "CUDA" if device == "cuda" else "CPU, Triton interpreter"
     import torch
 
