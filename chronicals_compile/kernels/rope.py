@@ -77,13 +77,15 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN,
         sa = -s1
         sb = s2
     hb = tl.program_id(1)
+    # Distinct names per branch: Triton requires a name bound in both branches of an ``if`` to
+    # have one type, and the q and k head ranges have different block shapes.
     if hb < n_q_blocks:
-        heads = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
-        _rotate_tile(Q, QO, b, s, row_ok, heads, HQ, half,
+        q_heads = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
+        _rotate_tile(Q, QO, b, s, row_ok, q_heads, HQ, half,
                      sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod, c1, c2, sa, sb, BLOCK_D2)
     else:
-        heads = (hb - n_q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK)
-        _rotate_tile(K, KO, b, s, row_ok, heads, HK, half,
+        k_heads = (hb - n_q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK)
+        _rotate_tile(K, KO, b, s, row_ok, k_heads, HK, half,
                      skb, skh, sks, skd, skob, skoh, skos, skod, c1, c2, sa, sb, BLOCK_D2)
 
 
