@@ -500,7 +500,10 @@ def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str =
 #: How the fused mode gets each chunk's logits: ``tiles`` (our tl.dot kernel with the online
 #: log-sum-exp epilogue, fp32 statistics) or ``matmul`` (one cuBLAS GEMM into the chunk buffer, then
 #: a row kernel; the logits are rounded to the input dtype first, as torch's own linear does).
-FUSED_LOGITS = os.environ.get("CHRONICALS_CCE_LOGITS", "tiles")
+#: ``matmul`` by default: on the H200 (2026-11-28, benchmarks/results/2026-11-28-h200/micro.md) it
+#: took 29.0 ms against 33.2 ms for ``tiles`` at (16384, 896, 151936) and 53.0 against 59.0 ms at
+#: (8192, 2304, 256000), forward + backward, same memory.
+FUSED_LOGITS = os.environ.get("CHRONICALS_CCE_LOGITS", "matmul")
 
 
 def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
