@@ -306,6 +306,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"),
                    help="output folder (default: $OUT, else benchmarks/results)")
     p.add_argument("--name", default=None, help="file name stem (default: e2e-<date>-<gpu>)")
+    p.add_argument("--commit", default=None,
+                   help="commit to record when the tree has no .git (e.g. a device copy); "
+                        "also read from $CHRONICALS_COMMIT")
     # Hidden: the chronicals variant's compiler (tests on CPU use aot_eager).
     p.add_argument("--chronicals-compiler", default="inductor", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -336,6 +339,8 @@ def main(argv=None) -> int:
     if "eager" not in variants:
         print("e2e: note: no eager run, so losses are not compared", file=sys.stderr)
 
+    if args.commit:
+        os.environ["CHRONICALS_COMMIT"] = args.commit
     env = common.environment(device)
     print("e2e: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     results = []
