@@ -32,9 +32,16 @@ class PassContext:
     example_inputs: Sequence[Any]
     root: fx.GraphModule
     grad_enabled: bool = dataclasses.field(default_factory=torch.is_grad_enabled)
+    #: Swaps are held until every rewrite succeeded: a graph restored after a failure swapped nothing.
+    pending_swaps: list = dataclasses.field(default_factory=list)
 
     def swap(self, pattern: str, where: str) -> None:
-        report.record_swap(pattern, where)
+        self.pending_swaps.append((pattern, where))
+
+    def commit(self) -> None:
+        for pattern, where in self.pending_swaps:
+            report.record_swap(pattern, where)
+        self.pending_swaps.clear()
 
     def fallback(self, pattern: str, where: str, reason: str) -> None:
         report.record_fallback(pattern, where, reason)
@@ -72,7 +79,8 @@ def run_pattern(module, gm: fx.GraphModule, ctx: PassContext) -> None:
         try:
             found = module.match(node, ctx)
         except NoMatch as reason:
-            ctx.fallback(module.NAME, describe(node), str(reason))
+            if not reason.quiet:
+                ctx.fallback(module.NAME, describe(node), str(reason))
             continue
         except Exception as err:  # noqa: BLE001 - a matcher bug must not fail the compile
             log.debug("chronicals: %s matcher raised", module.NAME, exc_info=True)
@@ -106,9 +114,11 @@ def run_passes(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optio
         for m in modules:
             m.graph.lint()
             m.recompile()
+        ctx.commit()
     except Exception as err:  # noqa: BLE001
         log.warning("chronicals: a rewrite failed (%r); compiling the graph unchanged", err, exc_info=True)
         for m, graph in saved.items():
             m.graph = graph
             m.recompile()
+        ctx.pending_swaps.clear()
         ctx.note(f"rewrites abandoned after an internal error: {err!r}")

@@ -105,7 +105,7 @@ def prove_causal(mask: fx.Node) -> None:
     cache = mask.meta.setdefault("chronicals_causal_proof", {})
     if "result" in cache:
         if cache["result"] is not None:
-            raise NoMatch(cache["result"])
+            raise NoMatch(cache["result"], quiet=True)  # reported at the first attention using it
         return
     try:
         nodes = _ancestry(mask)

@@ -14,7 +14,15 @@ import torch
 import torch.fx as fx
 
 class NoMatch(Exception):
-    """A candidate that is not provably the pattern; the message is the reason explain shows."""
+    """A candidate that is not provably the pattern; the message is the reason explain shows.
+
+    ``quiet``: the same refusal was already reported for a shared input (one mask feeding every
+    layer's attention, say), so the driver does not repeat it.
+    """
+
+    def __init__(self, reason: str, *, quiet: bool = False):
+        super().__init__(reason)
+        self.quiet = quiet
 
 
 _FUNCTIONS: dict[Any, str] = {

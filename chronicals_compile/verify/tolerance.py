@@ -34,22 +34,27 @@ class Measurement:
 
 
 def measure(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, ref64: torch.Tensor,
-            dtype: torch.dtype | None = None, slack_scale: float = 1.0) -> Measurement:
+            dtype: torch.dtype | None = None, slack_scale: float = 1.0,
+            magnitude: torch.Tensor | None = None) -> Measurement:
+    """``magnitude``: for a value that is a sum of terms, the sum of the terms' absolute values.
+    Rounding one term moves the sum by the term's ulp, not the sum's, so a sum that cancels to
+    near zero gets slack relative to its terms (passed as float64, shaped like ``ref64``)."""
     dtype = dtype or ours.dtype
     atol, rtol = SLACK[dtype]
     if ours.shape != ref64.shape:
         return Measurement(name, dtype, float("inf"), float("inf"), False)
     o, t, r = ours.detach().double().cpu(), same_dtype.detach().double().cpu(), ref64.detach().double().cpu()
+    mag = r.abs() if magnitude is None else magnitude.detach().double().cpu().abs().expand_as(r)
     ref_nan = torch.isnan(r)
     nan_ok = bool(torch.equal(torch.isnan(o), ref_nan))
     finite = ~ref_nan
-    o, t, r = o[finite], t[finite], r[finite]
+    o, t, r, mag = o[finite], t[finite], r[finite], mag[finite]
     inf_ok = bool(torch.equal(torch.isinf(o), torch.isinf(r))) and bool(torch.equal(o[torch.isinf(r)], r[torch.isinf(r)]))
     fin = ~torch.isinf(r)
-    o, t, r = o[fin], t[fin], r[fin]
+    o, t, r, mag = o[fin], t[fin], r[fin], mag[fin]
     err = (o - r).abs()
     torch_err = (t - r).abs().nan_to_num(nan=0.0, posinf=0.0)
-    bound = torch_err + slack_scale * (atol + rtol * r.abs())
+    bound = torch_err + slack_scale * (atol + rtol * mag.nan_to_num(nan=0.0, posinf=0.0))
     ratio = float((err / bound).max()) if err.numel() else 0.0
     max_err = float(err.max()) if err.numel() else 0.0
     ok = nan_ok and inf_ok and ratio <= 1.0 and not torch.isnan(err).any()
