@@ -46,7 +46,9 @@ if HERE not in sys.path:
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "chronicals")
+#: ``chronicals``: the backend's defaults; ``chronicals-all``: also the patterns that are off by
+#: default on CUDA until measured faster than Inductor (config.CUDA_OFF_BY_DEFAULT).
+VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "chronicals", "chronicals-all")
 MODES = ("full", "lora")
 #: name -> (preset, batch, seq)
 SHAPES = {
@@ -111,11 +113,14 @@ def worker(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], fused=device.startswith("cuda") or None)
     if variant in ("inductor", "liger-compiled"):
         model.compile()
-    elif variant == "chronicals":
+    elif variant.startswith("chronicals"):
         import chronicals_compile
+        from chronicals_compile.config import CUDA_OFF_BY_DEFAULT
 
         options = {} if spec.get("chronicals_compiler", "inductor") == "inductor" else {
             "compiler": spec["chronicals_compiler"]}
+        if variant == "chronicals-all":
+            options["enable"] = sorted(CUDA_OFF_BY_DEFAULT)
         chronicals_compile.compile(model, **options)
 
     # The same batches for every variant: a CPU generator, then moved.
@@ -178,7 +183,7 @@ def worker(spec: dict) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
     })
-    if variant == "chronicals":
+    if variant.startswith("chronicals"):
         from torch._dynamo.utils import counters
 
         result["swaps"] = {k: v for k, v in counters["chronicals"].items() if not k.endswith("_fallback")}

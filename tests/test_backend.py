@@ -73,3 +73,15 @@ def test_compile_returns_same_module_with_signature():
     assert compiled is model
     assert "input_ids" in inspect.signature(model.forward).parameters
     assert torch.isfinite(model(**random_batch()).loss)
+
+
+def test_cuda_defaults_follow_the_measurements():
+    from chronicals_compile.config import CUDA_OFF_BY_DEFAULT, make_options
+
+    default = make_options()
+    for name in CUDA_OFF_BY_DEFAULT:
+        assert not default.enabled(name, "cuda") and default.enabled(name, "cpu")
+    assert default.enabled("linear_cross_entropy", "cuda") and default.enabled("causal_mask", "cuda")
+    assert make_options(enable=["rms_norm"]).enabled("rms_norm", "cuda")
+    with pytest.raises(ValueError, match="both enabled and disabled"):
+        make_options(enable=["rope"], disable=["rope"])

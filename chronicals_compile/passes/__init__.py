@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .. import report
-from ..config import Options
+from ..config import CUDA_OFF_BY_DEFAULT, Options
 from .graph_utils import NoMatch, describe
 
 log = logging.getLogger("chronicals_compile")
@@ -90,6 +90,13 @@ def run_pattern(module, gm: fx.GraphModule, ctx: PassContext) -> None:
         ctx.swap(module.NAME, describe(fused))
 
 
+def _device_type(example_inputs: Sequence[Any]) -> str | None:
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return None
+
+
 def _snapshot(gm: fx.GraphModule) -> fx.Graph:
     copy = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
     out = copy.graph_copy(gm.graph, {})
@@ -103,11 +110,17 @@ def run_passes(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optio
 
     ctx = PassContext(options, example_inputs, gm)
     modules = _graph_modules(gm)
+    device_type = _device_type(example_inputs)
     saved = {m: _snapshot(m) for m in modules}
     try:
         for name in PASS_MODULES:
             module = _load(name)
-            if module is None or not options.enabled(name):
+            if module is None:
+                continue
+            if not options.enabled(name, device_type):
+                if name not in options.disable and name in CUDA_OFF_BY_DEFAULT:
+                    ctx.note(f"{name} off by default on CUDA: {CUDA_OFF_BY_DEFAULT[name]}; "
+                             f"turn it on with enable=[{name!r}]")
                 continue
             for m in modules:
                 run_pattern(module, m, ctx)
