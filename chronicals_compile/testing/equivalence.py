@@ -41,3 +41,25 @@ def assert_same_training_step(eager, compiled, *, rtol: float = 1e-5, atol: floa
         assert torch.isfinite(grads_c[name]).all(), name
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in grads_c.values()), "all gradients are zero"
+
+
+def compile_and_capture(module: torch.nn.Module, *inputs: Any, dynamic: bool | None = None, **options: Any):
+    """Run ``module`` through the backend (aot_eager); return (report, rewritten graphs, output).
+
+    For pass tests that need to look at the graph the backend produced, not only at the counts.
+    """
+    from chronicals_compile.backend import chronicals_backend
+    from chronicals_compile.report import collecting
+
+    graphs = []
+
+    def backend(gm, example_inputs, **kw):
+        fn = chronicals_backend(gm, example_inputs,
+                                options={"chronicals.compiler": "aot_eager",
+                                         **{f"chronicals.{k}": v for k, v in options.items()}})
+        graphs.append(gm)
+        return fn
+
+    with collecting() as report:
+        out = torch.compile(module, backend=backend, dynamic=dynamic)(*inputs)
+    return report, graphs, out

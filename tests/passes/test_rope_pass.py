@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from chronicals_compile.testing import random_batch, tiny_model
-from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
+from chronicals_compile.testing.equivalence import (assert_same_training_step, compile_and_capture,
+                                                      compiled_vs_eager)
 from chronicals_compile.verify import rope as rope_case
 
 FAST = {"compiler": "aot_eager"}
@@ -16,29 +17,6 @@ LAYERS = 2
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def compile_and_capture(module, *inputs, dynamic=None, **options):
-    from chronicals_compile.backend import chronicals_backend
-    from chronicals_compile.report import collecting
-
-    graphs = []
-
-    def backend(gm, example_inputs, **kw):
-        fn = chronicals_backend(gm, example_inputs,
-                                options={"chronicals.compiler": "aot_eager",
-                                         **{f"chronicals.{k}": v for k, v in options.items()}})
-        graphs.append(gm)
-        return fn
-
-    with collecting() as report:
-        out = torch.compile(module, backend=backend, dynamic=dynamic)(*inputs)
-    return report, graphs, out
 
 
 def rope_nodes(graphs):

@@ -7,36 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chronicals_compile.testing import FAMILIES, random_batch, tiny_model
-from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
+from chronicals_compile.testing.equivalence import (assert_same_training_step, compile_and_capture,
+                                                      compiled_vs_eager)
 
 FAST = {"compiler": "aot_eager"}
 LAYERS = 2
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def compile_and_capture(module, *inputs, dynamic=None, **options):
-    """Run ``module`` through the backend (aot_eager); return (report, rewritten graphs, output)."""
-    from chronicals_compile.backend import chronicals_backend
-    from chronicals_compile.report import collecting
-
-    graphs = []
-
-    def backend(gm, example_inputs, **kw):
-        fn = chronicals_backend(gm, example_inputs,
-                                options={"chronicals.compiler": "aot_eager",
-                                         **{f"chronicals.{k}": v for k, v in options.items()}})
-        graphs.append(gm)
-        return fn
-
-    with collecting() as report:
-        out = torch.compile(module, backend=backend, dynamic=dynamic)(*inputs)
-    return report, graphs, out
 
 
 def targets(graphs):
