@@ -70,8 +70,12 @@ class Report:
             lines.append("(no candidate subgraphs)")
         if self.fallbacks:
             lines += ["", "left to Inductor:"]
-            for f in self.fallbacks:
-                lines.append(f"  {f.pattern:<22} at {f.node}: {f.reason}")
+            grouped: dict[tuple[str, str], list[Fallback]] = {}
+            for f in self.fallbacks:  # one line per distinct reason: a model repeats its layers
+                grouped.setdefault((f.pattern, f.reason), []).append(f)
+            for (pattern, reason), same in grouped.items():
+                times = f" (x{len(same)})" if len(same) > 1 else ""
+                lines.append(f"  {pattern:<22} at {same[0].node}{times}: {reason}")
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
