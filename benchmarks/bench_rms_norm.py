@@ -1,63 +1,106 @@
-"""RMSNorm forward+backward: ours against eager, torch.compile of the same function, and Liger.
+"""RMSNorm kernels, phase by phase: ours against eager, torch.compile (Inductor) and Liger-Kernel.
 
-Bytes counted are the minimum any implementation must move: x read twice (forward and
-backward), dy read once, y and dx written once, the weight and its gradient (negligible).
+Timing, rotation through input sets and every column: ``common.measure_phases``. Per phase:
+
+* ``fwd``: ``y = rms_norm(x, w)``. eager: ``ops.rms_norm.rms_norm_reference``; torch.compile: that
+  function compiled (an inference graph: no grad mode); ours: ``kernels.rms_norm.rms_norm_forward``
+  (the launcher, no autograd, no custom op); Liger: ``LigerRMSNormFunction.forward`` called
+  directly (llama casting; it also writes its fp32 rstd, M x 4 bytes).
+* ``bwd``: ``(dx, dw)`` from ``(dy, x, w)``. eager: the explicit formula
+  ``ops.rms_norm.rms_norm_backward_reference`` (the derivative of the reference, rstd recomputed
+  from x as our kernel does); torch.compile: that same formula compiled by Inductor. This is the
+  fair separate backward: the same math, Inductor free to fuse it as it likes; AOTAutograd's own
+  backward would read a saved rstd instead (M x 4 bytes, noise) and is what ``fwd+bwd`` measures.
+  ours: ``kernels.rms_norm.rms_norm_backward``; Liger: ``LigerRMSNormFunction.backward`` on the
+  context its forward filled (``in_place=True``, its default: dx overwrites dy).
+* ``fwd+bwd``: autograd, ``torch.autograd.grad(f(x, w), (x, w), dy)`` with f the reference, the
+  compiled reference (AOTAutograd's forward and backward graphs), ``torch.ops.chronicals.rms_norm``
+  or ``LigerRMSNormFunction.apply``.
+
+Minimal bytes (element size s): fwd (2MN + N)s (read x, w; write y); bwd (3MN + 2N)s (read dy,
+x, w; write dx, dw); fwd+bwd their sum. Every shape moves >= 58 MB per call and the sets rotate
+past 4x L2, so no figure is an L2 figure.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import FakeCtx, Variant, autograd_grads  # noqa: E402
+
 SHAPES = [(16384, 896), (8192, 2048), (8192, 4096), (4096, 5120), (16384, 4096)]
+SMOKE_SHAPES = [(8, 48)]
 EPS = 1e-6
 
 
-def _variants():
-    from chronicals_compile.ops.rms_norm import rms_norm_reference
+def phase_bytes(m: int, n: int, dtype: torch.dtype) -> dict[str, int]:
+    s = torch.finfo(dtype).bits // 8
+    fwd, bwd = (2 * m * n + n) * s, (3 * m * n + 2 * n) * s
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
+
+def _variants(compile_fn, liger: bool = True) -> dict[str, Variant]:
+    from chronicals_compile.kernels import rms_norm as K
+    from chronicals_compile.ops.rms_norm import rms_norm_backward_reference as ref_bwd
+    from chronicals_compile.ops.rms_norm import rms_norm_reference as ref
+
+    def impl(fwd, bwd, autograd_fwd, prepare=None):
+        return Variant(fwd=lambda s: fwd(s["x"], s["w"], EPS),
+                       bwd=lambda s: bwd(s),
+                       fwd_bwd=lambda s: autograd_grads(autograd_fwd(s["x"], s["w"], EPS), s),
+                       prepare=prepare)
+
+    c_fwd, c_bwd, c_joint = compile_fn(ref), compile_fn(ref_bwd), compile_fn(ref)
     variants = {
-        "eager": rms_norm_reference,
-        "torch.compile": torch.compile(rms_norm_reference, dynamic=False),
-        "chronicals": lambda x, w, eps: torch.ops.chronicals.rms_norm(x, w, eps),
+        "eager": impl(ref, lambda s: ref_bwd(s["dy"], s["x"], s["w"], EPS), ref),
+        "torch.compile": impl(c_fwd, lambda s: c_bwd(s["dy"], s["x"], s["w"], EPS), c_joint),
+        "chronicals": impl(K.rms_norm_forward, lambda s: K.rms_norm_backward(s["dy"], s["x"], s["w"], EPS),
+                           lambda x, w, eps: torch.ops.chronicals.rms_norm(x, w, eps)),
     }
-    try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    if liger:
+        try:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction as L
+        except Exception:  # noqa: BLE001 - a missing peer is a missing column, not a failure
+            return variants
 
-        variants["liger"] = lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
-    except Exception:  # noqa: BLE001 - a missing peer is a missing column, not a failure
-        pass
+        def prepare(s):
+            s["ctx"] = FakeCtx()
+            L.forward(s["ctx"], s["x"], s["w"], EPS, 0.0, "llama", True)
+
+        variants["liger"] = impl(lambda x, w, eps: L.forward(FakeCtx(), x, w, eps, 0.0, "llama", True),
+                                 lambda s: L.backward(s["ctx"], s["dy"]),
+                                 lambda x, w, eps: L.apply(x, w, eps, 0.0, "llama", True), prepare)
     return variants
 
 
-def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: float = 4300.0) -> list[dict]:
-    import triton.testing
+def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: float = 4300.0, *,
+        shapes=None, timers=None, compile_fn=None, liger: bool = True, log=print) -> list[dict]:
+    import chronicals_compile.ops  # noqa: F401 - registers torch.ops.chronicals.*
 
-    import chronicals_compile.ops  # noqa: F401
-
+    compile_fn = compile_fn or (lambda f: torch.compile(f, dynamic=False))
     rows = []
-    for m, n in SHAPES:
-        x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
-        w = (1 + 0.1 * torch.randn(n, device=device, dtype=dtype)).requires_grad_(True)
-        dy = torch.randn(m, n, device=device, dtype=dtype)
-        nbytes = 5 * m * n * x.element_size()
-        for name, fn in _variants().items():
-            def step():
-                x.grad = w.grad = None
-                fn(x, w, EPS).backward(dy)
-            try:
-                ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
-            except Exception as err:  # noqa: BLE001
-                rows.append({"op": "rms_norm", "shape": f"{m}x{n}", "variant": name, "error": repr(err)[:80]})
-                continue
-            gbps = nbytes / ms / 1e6
-            rows.append({"op": "rms_norm", "shape": f"{m}x{n}", "variant": name, "ms": round(ms, 4),
-                         "GB/s": round(gbps), "%copy": round(100 * gbps / copy_gbps, 1)})
+    for m, n in shapes or SHAPES:
+        torch._dynamo.reset()  # fresh compile per shape: no recompile limit, no stale guards
+
+        def make_set(seed, m=m, n=n):
+            g = torch.Generator(device).manual_seed(seed)
+            x = torch.randn(m, n, generator=g, device=device, dtype=dtype).requires_grad_()
+            w = (1 + 0.1 * torch.randn(n, generator=g, device=device, dtype=dtype)).requires_grad_()
+            dy = torch.randn(m, n, generator=g, device=device, dtype=dtype)
+            return {"x": x, "w": w, "dy": dy, "leaves": (x, w), "grads": (dy,)}
+
+        rows += common.measure_phases({"op": "rms_norm", "shape": f"{m}x{n}"}, make_set,
+                                      _variants(compile_fn, liger), phase_bytes(m, n, dtype),
+                                      device=device, copy_gbps=copy_gbps, timers=timers, log=log)
     return rows
 
 
 def main() -> None:
-    from table import markdown
-
-    print(markdown(run()))
+    common.bench_main(run, SMOKE_SHAPES)
 
 
 if __name__ == "__main__":

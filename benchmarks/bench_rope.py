@@ -1,18 +1,43 @@
-"""QK-RoPE forward+backward: ours (q and k in one launch) against eager transformers-style
-``q*cos + rotate_half(q)*sin``, torch.compile of the same function, and Liger-Kernel (a missing
-column when ``liger_kernel`` does not import).
+"""QK-RoPE kernels, phase by phase: ours (q and k in one launch) against eager transformers-style
+``q*cos + rotate_half(q)*sin``, torch.compile (Inductor) of the same function, and Liger-Kernel
+(a missing variant when ``liger_kernel`` does not import).
 
-Inputs are laid out as Dynamo hands them over: q and k are ``linear(...).view(B, S, H, D)
-.transpose(1, 2)`` views of [B, S, H*D] leaves; cos/sin are [B, 1, S, D] (per-sequence positions,
-as with packing). Bytes counted are the minimum: forward reads q, k, cos, sin and writes q_out,
-k_out; backward reads the two incoming gradients, cos, sin and writes dq, dk.
+Timing, rotation through input sets and every column: ``common.measure_phases``. Per phase:
+
+* ``fwd``: ``(q_out, k_out)``. eager: the function above; torch.compile: it compiled (inference
+  graph); ours: ``kernels.rope.rope_forward`` (the launcher, no autograd); Liger:
+  ``LigerRopeFunction.forward`` called directly (it rotates q and k in place).
+* ``bwd``: ``(dq, dk)`` from the incoming gradients. eager: the explicit formula
+  ``ops.rope.rope_backward_reference`` (the transposed rotation); torch.compile: that formula
+  compiled by Inductor (the same math, fused as Inductor likes: the fair separate backward;
+  AOTAutograd's own is what ``fwd+bwd`` measures); ours: ``kernels.rope.rope_backward``; Liger:
+  ``LigerRopeFunction.backward`` (in place on the gradients).
+* ``fwd+bwd``: autograd, ``torch.autograd.grad((q_out, k_out), (q_leaf, k_leaf), (gq, gk))`` with
+  the eager function, its compiled form, ``torch.ops.chronicals.rope`` or ``LigerRopeFunction.apply``.
+
+Layouts as Dynamo hands them over: q and k are ``linear(...).view(B, S, H, D).transpose(1, 2)``
+views of ``[B, S, H*D]`` leaves; cos/sin are ``[B, 1, S, D]`` (per-sequence positions, as with
+packing); the incoming gradients are laid out like the forward outputs (``[B, S, H, D]`` memory
+viewed as ``[B, H, S, D]``), so no variant pays a layout copy the others do not.
+
+Minimal bytes (element size s; qk = B*S*(Hq+Hk)*D*s, cs = B*S*D*s): fwd 2qk + 2cs (read q, k,
+cos, sin; write q_out, k_out); bwd the same with the gradients; fwd+bwd their sum. Every shape
+moves >= 70 MB per call and the sets rotate past 4x L2.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import FakeCtx, Variant, autograd_grads  # noqa: E402
 
 #: (B, S, Hq, Hk, D): Qwen2.5-0.5B, Llama-3-8B, and a D=256 model (Gemma-7B-like heads).
 SHAPES = [(8, 2048, 14, 2, 64), (8, 2048, 32, 8, 128), (4, 2048, 16, 16, 256)]
+SMOKE_SHAPES = [(2, 8, 4, 2, 16)]
 
 
 def _rotate_half(x):
@@ -24,70 +49,83 @@ def _eager(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def _variants() -> dict:
-    import chronicals_compile.ops  # noqa: F401 - registers torch.ops.chronicals.*
+def phase_bytes(bsz: int, seq: int, hq: int, hk: int, d: int, dtype: torch.dtype) -> dict[str, int]:
+    s = torch.finfo(dtype).bits // 8
+    qk, cs = bsz * seq * (hq + hk) * d * s, bsz * seq * d * s
+    one = 2 * qk + 2 * cs
+    return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}
 
+
+def _variants(compile_fn, liger: bool = True) -> dict[str, Variant]:
+    from chronicals_compile.kernels.rope import rope_backward, rope_forward
+    from chronicals_compile.ops.rope import rope_backward_reference
+
+    def ref_bwd(gq, gk, cos, sin):
+        return rope_backward_reference(gq, gk, cos, sin, gq.dtype, gk.dtype)
+
+    def impl(fwd, bwd, autograd_fwd, prepare=None):
+        return Variant(fwd=lambda s: fwd(*s["qk"](), s["cos"], s["sin"]),
+                       bwd=lambda s: bwd(s),
+                       fwd_bwd=lambda s: autograd_grads(autograd_fwd(*s["qk"](), s["cos"], s["sin"]), s),
+                       prepare=prepare)
+
+    def grads(s):
+        return s["gq"], s["gk"], s["cos"], s["sin"]
+
+    c_fwd, c_bwd, c_joint = compile_fn(_eager), compile_fn(ref_bwd), compile_fn(_eager)
     variants = {
-        "eager": _eager,
-        "torch.compile": torch.compile(_eager, dynamic=False),
-        "chronicals": torch.ops.chronicals.rope,
+        "eager": impl(_eager, lambda s: ref_bwd(*grads(s)), _eager),
+        "torch.compile": impl(c_fwd, lambda s: c_bwd(*grads(s)), c_joint),
+        "chronicals": impl(rope_forward, lambda s: rope_backward(*grads(s), s["gq"].dtype, s["gk"].dtype),
+                           torch.ops.chronicals.rope),
     }
-    try:
-        from liger_kernel.ops.rope import LigerRopeFunction
+    if liger:
+        try:
+            from liger_kernel.ops.rope import LigerRopeFunction as L
+        except Exception:  # noqa: BLE001 - a missing peer is a missing column, not a failure
+            return variants
 
-        # Liger takes cos/sin before the unsqueeze: [1 or B, S, D].
-        variants["liger"] = lambda q, k, cos, sin: LigerRopeFunction.apply(q, k, cos.squeeze(1), sin.squeeze(1))
-    except Exception:  # noqa: BLE001 - a missing peer is a missing column, not a failure
-        pass
+        def prepare(s):
+            s["ctx"] = FakeCtx()
+            L.forward(s["ctx"], *s["qk"](), s["cos"], s["sin"])
+
+        variants["liger"] = impl(lambda q, k, cos, sin: L.forward(FakeCtx(), q, k, cos, sin),
+                                 lambda s: L.backward(s["ctx"], s["gq"], s["gk"]), L.apply, prepare)
     return variants
 
 
-def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: float = 4300.0) -> list[dict]:
-    import triton.testing
+def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: float = 4300.0, *,
+        shapes=None, timers=None, compile_fn=None, liger: bool = True, log=print) -> list[dict]:
+    import chronicals_compile.ops  # noqa: F401 - registers torch.ops.chronicals.*
 
-    import chronicals_compile.ops  # noqa: F401
-
+    compile_fn = compile_fn or (lambda f: torch.compile(f, dynamic=False))
     rows = []
-    for bsz, seq, hq, hk, d in SHAPES:
-        size = torch.finfo(dtype).bits // 8
-        qk = bsz * seq * (hq + hk) * d * size
-        cs = bsz * seq * d * size  # one of cos/sin
-        nbytes = 2 * (2 * qk) + 2 * (2 * cs)  # (read + write) of q,k in each pass; cos, sin each pass
-        label = {"op": "rope", "shape": f"B{bsz} S{seq} Hq{hq} Hk{hk} D{d}"}
-        for name, fn in _variants().items():
-            # Fresh inputs per variant (Liger's backward writes into its gradient buffers).
-            q_leaf = torch.randn(bsz, seq, hq * d, device=device, dtype=dtype, requires_grad=True)
-            k_leaf = torch.randn(bsz, seq, hk * d, device=device, dtype=dtype, requires_grad=True)
+    for bsz, seq, hq, hk, d in shapes or SHAPES:
+        torch._dynamo.reset()  # fresh compile per shape: no recompile limit, no stale guards
+
+        def make_set(seed, bsz=bsz, seq=seq, hq=hq, hk=hk, d=d):
+            g = torch.Generator(device).manual_seed(seed)
+            q_leaf = torch.randn(bsz, seq, hq * d, generator=g, device=device, dtype=dtype).requires_grad_()
+            k_leaf = torch.randn(bsz, seq, hk * d, generator=g, device=device, dtype=dtype).requires_grad_()
             pos = torch.arange(seq, device=device, dtype=torch.float32).expand(bsz, seq)
             inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
             emb = torch.cat([pos[..., None] * inv_freq] * 2, dim=-1)
-            cos, sin = emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
-            gq = torch.randn(bsz, hq, seq, d, device=device, dtype=dtype)
-            gk = torch.randn(bsz, hk, seq, d, device=device, dtype=dtype)
+            gq = torch.randn(bsz, seq, hq, d, generator=g, device=device, dtype=dtype).transpose(1, 2)
+            gk = torch.randn(bsz, seq, hk, d, generator=g, device=device, dtype=dtype).transpose(1, 2)
+            return {"qk": lambda: (q_leaf.view(bsz, seq, hq, d).transpose(1, 2),
+                                   k_leaf.view(bsz, seq, hk, d).transpose(1, 2)),
+                    "cos": emb.cos().to(dtype).unsqueeze(1), "sin": emb.sin().to(dtype).unsqueeze(1),
+                    "gq": gq, "gk": gk, "leaves": (q_leaf, k_leaf), "grads": (gq, gk)}
 
-            def step():
-                q_leaf.grad = k_leaf.grad = None
-                q = q_leaf.view(bsz, seq, hq, d).transpose(1, 2)
-                k = k_leaf.view(bsz, seq, hk, d).transpose(1, 2)
-                q_out, k_out = fn(q, k, cos, sin)
-                torch.autograd.backward((q_out, k_out), (gq, gk))
-
-            try:
-                ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
-            except Exception as err:  # noqa: BLE001
-                rows.append({**label, "variant": name, "error": repr(err)[:80]})
-                continue
-            gbps = nbytes / ms / 1e6
-            rows.append({**label, "variant": name, "ms": round(ms, 4), "GB/s": round(gbps),
-                         "%copy": round(100 * gbps / copy_gbps, 1)})
-        torch.cuda.empty_cache()
+        label = {"op": "rope", "shape": f"B{bsz} S{seq} Hq{hq} Hk{hk} D{d}"}
+        rows += common.measure_phases(label, make_set, _variants(compile_fn, liger),
+                                      phase_bytes(bsz, seq, hq, hk, d, dtype), device=device,
+                                      copy_gbps=copy_gbps, timers=timers, log=log)
     return rows
 
 
 def main() -> None:
-    from table import markdown
-
-    print(markdown(run()))
+    common.bench_main(run, SMOKE_SHAPES)
 
 
 if __name__ == "__main__":

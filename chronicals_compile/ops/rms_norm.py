@@ -33,9 +33,10 @@ def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
-@torch.library.custom_op("chronicals::rms_norm_backward", mutates_args=())
-def rms_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    # Written out by hand: autograd does not record inside a custom op's implementation.
+def rms_norm_backward_reference(grad_out: Tensor, x: Tensor, weight: Tensor,
+                                eps: float) -> tuple[Tensor, Tensor]:
+    """``(dx, dweight)`` of :func:`rms_norm_reference`, written out (autograd does not record
+    inside a custom op's implementation); ``rstd`` is recomputed from ``x``, as the kernel does."""
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     xhat = xf * rstd
@@ -44,6 +45,11 @@ def rms_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float) -
     gn = g * weight.float()
     dx = rstd * (gn - xhat * (gn * xhat).mean(-1, keepdim=True))
     return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+@torch.library.custom_op("chronicals::rms_norm_backward", mutates_args=())
+def rms_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return rms_norm_backward_reference(grad_out, x, weight, eps)
 
 
 @rms_norm_backward.register_kernel("cuda")
