@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call: the end-to-end table, the GPU equivalence tests, then the per-op microbenchmarks,
-# each under its own time limit, every result written under $OUT as soon as it exists.
-# Usage (device tool, carry .whl): bash benchmarks/gpu_session.sh [e2e_s] [tests_s] [micro_s]
+# One device call: the end-to-end table, the step profile (where the time goes), the GPU equivalence
+# tests, then the per-op microbenchmarks, each under its own time limit, every result written under
+# $OUT as soon as it exists.
+# Usage (device tool, carry .whl): bash benchmarks/gpu_session.sh [e2e_s] [tests_s] [micro_s] [profile_s]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-benchmarks/results}"
 S=/tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --target $S .whl/*.whl 2>&1 | tail -2
@@ -12,6 +13,9 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 echo "== e2e"
 timeout "${1:-240}" python3 benchmarks/e2e.py --shapes qwen0.5b-8x2048 --modes full \
   --variants "${E2E_VARIANTS:-eager,inductor,chronicals}" --steps 10 --warmup 3 --out "$OUT" --name e2e 2>&1 | grep -v Warning
+echo "== profile"
+timeout "${4:-120}" python3 benchmarks/profile_step.py --variants "${PROFILE_VARIANTS:-inductor,chronicals,chronicals-all}" \
+  --out "$OUT" --name profile 2>&1 | grep -v Warning
 echo "== gpu tests"
 timeout "${2:-90}" python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 echo "== micro"

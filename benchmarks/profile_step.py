@@ -1,0 +1,397 @@
+"""Where a training step's time goes, kernel by kernel (issue 7): plain Inductor vs chronicals.
+
+Before optimising anything, measure: each variant runs in its own subprocess, builds the
+Qwen2.5-0.5B-shaped model (random weights, bf16, tied embeddings, sdpa) and random tokens (8 x
+2048), runs the same step as ``benchmarks/e2e.py`` (forward with labels, backward,
+``clip_grad_norm_(1.0)``, fused AdamW, ``zero_grad``), ``--warmup`` steps untimed (compilation),
+``--timed-steps`` timed without the profiler (the true wall step), then ``--steps`` under
+``torch.profiler`` (CPU and CUDA activity, after one profiler warm-up step, so CUPTI start-up is
+not counted). Every kernel of the trace is put in one category by its name (first rule that
+matches, ``RULES``), and reported per step:
+
+* ms and kernel count per category; the 15 kernels that take longest;
+* GPU busy = the union of kernel intervals (all streams); gap = wall - busy: time the GPU waits
+  on the host (Python, launches, the per-step synchronize, as in e2e.py).
+
+Caveats: the loss category holds the CE-specific kernels only; the lm_head logits matmul (ours
+uses cuBLAS for it by default) is counted under matmul. Inductor names kernels after the aten ops
+they fuse (``triton_red_fused__log_softmax_...``), so the names decide, which is a heuristic.
+
+    python benchmarks/profile_step.py                          # GPU: inductor, chronicals, chronicals-all
+    python benchmarks/profile_step.py --device cpu --tiny      # CPU smoke run: CPU ops, tiny model
+
+``--device cpu`` profiles CPU ops instead (self time, nesting removed) and, unless ``--compiler``
+says otherwise, compiles with aot_eager: a smoke test of the pipeline, not a measurement.
+Outputs ``<name>.md`` and ``<name>.json`` under ``--out`` (default ``$OUT``, else
+``benchmarks/results``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+VARIANTS = ("eager", "inductor", "chronicals", "chronicals-all")
+DEFAULT_VARIANTS = "inductor,chronicals,chronicals-all"
+ALL_SWAPS = ["rms_norm", "swiglu", "rope"]  # the CUDA-off-by-default patterns (config.CUDA_OFF_BY_DEFAULT)
+#: (category, regex on the lower-cased kernel or op name); order matters: flash attention's
+#: template arguments mention cutlass, Inductor's names mention the aten ops they fuse.
+RULES = [
+    ("loss", r"_cce_|_ce_rows|linear_cross_entropy|cross_entropy|log_softmax|nll_loss"),
+    ("ours_fused", r"_rms_norm|_gated_(fwd|bwd)|_swiglu|_geglu|_rope|chronicals::"),
+    ("attention", r"flash|fmha|cudnn|sdpa|scaled_dot_product|efficient_attention|attention|varlen"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|gemv|splitkreduce|triton_tem_|aten::(mm|addmm|bmm|baddbmm|matmul)\b"),
+    ("optimizer", r"multi_tensor|fused_adam|adamw?\b|_foreach|lpnorm"),
+    ("inductor_triton", r"^triton_|triton_(poi|red|per)_"),
+    ("copy_memset", r"memcpy|memset|copy|fill|clone|aten::zero_|aten::to\b|cat_?array"),
+]
+CATEGORIES = [c for c, _ in RULES] + ["other"]
+_COMPILED = [(c, re.compile(r)) for c, r in RULES]
+RESULT_TAG = "PROFILE_RESULT "
+TOP = 15
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for category, rx in _COMPILED:
+        if rx.search(low):
+            return category
+    return "other"
+
+
+# =========================================================================== trace analysis
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def _cpu_self_times(ops: list[dict]) -> list[dict]:
+    """CPU ops nest (aten::linear -> aten::addmm); keep each op's own time so nothing counts twice."""
+    out = []
+    by_thread: dict = {}
+    for ev in ops:
+        by_thread.setdefault((ev.get("pid"), ev.get("tid")), []).append(ev)
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[dict] = []
+        for ev in evs:
+            item = {"name": ev["name"], "ts": ev["ts"], "dur": ev["dur"], "self": ev["dur"], "top": False}
+            while stack and ev["ts"] >= stack[-1]["ts"] + stack[-1]["dur"]:
+                stack.pop()
+            if stack:
+                stack[-1]["self"] -= ev["dur"]
+            else:
+                item["top"] = True
+            stack.append(item)
+            out.append(item)
+    return out
+
+
+def analyse_trace(trace: dict, steps: int, device: str) -> dict:
+    """Per-step category totals, busy time, launches and the top kernels of a chrome trace."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    if device.startswith("cuda"):
+        kernels = [{"name": e["name"], "ts": float(e["ts"]), "dur": float(e["dur"]), "self": float(e["dur"])}
+                   for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+        busy = _union_us([(k["ts"], k["ts"] + k["dur"]) for k in kernels])
+        launch = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "aunch" in e["name"]]
+    else:
+        ops = [{"name": e["name"], "ts": float(e["ts"]), "dur": float(e["dur"]), "pid": e.get("pid"),
+                "tid": e.get("tid")} for e in events if e.get("cat") == "cpu_op"]
+        kernels = _cpu_self_times(ops)
+        busy = _union_us([(k["ts"], k["ts"] + k["dur"]) for k in kernels if k["top"]])
+        launch = []
+    cats = {c: {"ms": 0.0, "count": 0} for c in CATEGORIES}
+    by_name: dict[str, list] = {}
+    for k in kernels:
+        c = classify(k["name"])
+        cats[c]["ms"] += k["self"] / 1e3 / steps
+        cats[c]["count"] += 1
+        agg = by_name.setdefault(k["name"], [0.0, 0, c])
+        agg[0] += k["self"] / 1e3 / steps
+        agg[1] += 1
+    for c in cats.values():
+        c["count"] = c["count"] / steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP]
+    return {
+        "categories": cats,
+        "kernel_ms": sum(c["ms"] for c in cats.values()),
+        "busy_ms": busy / 1e3 / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "launch_calls_per_step": len(launch) / steps if launch else None,
+        "launch_api_ms": sum(float(e["dur"]) for e in launch) / 1e3 / steps if launch else None,
+        "top": [{"name": n[:300], "category": c, "ms": ms, "calls": calls / steps} for n, (ms, calls, c) in top],
+    }
+
+
+# =========================================================================== worker
+
+def worker(spec: dict) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from chronicals_compile.cli import presets
+
+    if not spec["device"].startswith("cuda"):
+        torch.set_num_threads(1)  # a smoke run: no OpenMP oversubscription on a shared small CPU
+    device, variant, compiler = spec["device"], spec["variant"], spec["compiler"]
+    on_gpu = device.startswith("cuda")
+    preset = presets.PRESETS[spec["preset"]]
+    vocab = preset.vocab or spec["tiny_vocab"]
+    model = presets.build_model(preset, vocab, dtype=getattr(torch, spec["dtype"]), device=device, seed=0)
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=on_gpu or None)
+    if variant == "inductor":
+        model.compile(**({} if compiler == "inductor" else {"backend": compiler}))
+    elif variant.startswith("chronicals"):
+        import chronicals_compile
+
+        options = {} if compiler == "inductor" else {"compiler": compiler}
+        if variant == "chronicals-all":
+            options["enable"] = ALL_SWAPS
+        chronicals_compile.compile(model, **options)
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(device)
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def step() -> float:
+        sync()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    t0 = time.perf_counter()
+    first = [step() for _ in range(spec["warmup"])]
+    compile_s = time.perf_counter() - t0
+    wall = [step() for _ in range(spec["timed_steps"])]
+    # CPU ops too on the GPU: the common, well-trodden configuration; kernel times are unaffected
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    profiled = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        # The trace is exported when the active window closes (after that the profiler clears it).
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=spec["steps"], repeat=1),
+                     on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
+            for i in range(spec["steps"] + 1):
+                ms = step()
+                if i:
+                    profiled.append(ms)
+                prof.step()
+        with open(path) as f:
+            trace = json.load(f)
+        if spec.get("trace_dir"):
+            os.makedirs(spec["trace_dir"], exist_ok=True)
+            shutil.move(path, os.path.join(spec["trace_dir"], f"trace-{variant}.json"))
+    res = analyse_trace(trace, spec["steps"], device)
+    if not res["kernels_per_step"]:
+        raise RuntimeError("the profiler trace holds no kernel events (CUPTI unavailable?)")
+    wall_ms = statistics.median(wall) if wall else statistics.median(profiled)
+    res.update({"variant": variant, "status": "ok", "compiler": "-" if variant == "eager" else compiler,
+                "wall_ms": wall_ms,
+                "wall_profiled_ms": statistics.mean(profiled), "gap_ms": wall_ms - res["busy_ms"],
+                "gap_profiled_ms": statistics.mean(profiled) - res["busy_ms"],
+                "warmup_s": compile_s, "first_step_ms": first[0] if first else None})
+    if variant.startswith("chronicals"):
+        from torch._dynamo.utils import counters
+
+        res["swaps"] = {k: v for k, v in counters["chronicals"].items() if not k.endswith("_fallback")}
+    return res
+
+
+def worker_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    try:
+        result = worker(spec)
+    except Exception as err:  # noqa: BLE001 - recorded in the table, not raised
+        traceback.print_exc()
+        oom = "out of memory" in str(err).lower()
+        result = {"variant": spec["variant"], "status": "OOM" if oom else f"error: {str(err).splitlines()[0][:200]}"}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+_CHILD: list = []
+
+
+def _on_term(signum, frame):
+    """``timeout`` in gpu_session.sh signals only us; the worker has its own session: end it too,
+    or it would keep the GPU busy under the next section."""
+    for proc in _CHILD:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(124)
+
+
+def run_variant(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    _CHILD[:] = [proc]
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"variant": spec["variant"], "status": f"timeout ({timeout:.0f} s)"}
+    for line in reversed(out.splitlines()):
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+            if result["status"] != "ok" and err.strip():
+                result["stderr_tail"] = err.strip().splitlines()[-12:]
+            return result
+    tail = (err.strip().splitlines() or ["(no output)"])[-1]
+    return {"variant": spec["variant"], "status": f"crashed (exit {proc.returncode}): {tail[:200]}"}
+
+
+# =========================================================================== report
+
+def _na(value):
+    return "n/a" if value is None else value
+
+
+def render(results: list[dict]) -> list[tuple[str, str]]:
+    from common import markdown_table
+
+    ok = [r for r in results if r["status"] == "ok"]
+    summary = [{"variant": r["variant"], "status": r["status"],
+                **({"compiler": r["compiler"], "wall ms": r["wall_ms"], "profiled wall ms": r["wall_profiled_ms"],
+                    "busy ms": r["busy_ms"],
+                    "gap ms": r["gap_ms"], "gap %": f"{r['gap_ms'] / r['wall_ms']:.1%}",
+                    "profiled gap ms": r["gap_profiled_ms"], "launch API calls/step": _na(r["launch_calls_per_step"]),
+                    "kernels/step": r["kernels_per_step"], "warm-up s": r["warmup_s"]} if r["status"] == "ok" else {})}
+               for r in results]
+    per_cat = []
+    for c in CATEGORIES:
+        row = {"category": c}
+        for r in ok:
+            cat = r["categories"][c]
+            row[r["variant"]] = f"{cat['ms']:.2f} ({cat['ms'] / max(r['kernel_ms'], 1e-9):.0%}, {cat['count']:.0f})"
+        per_cat.append(row)
+    sections = [("Step", markdown_table(summary)),
+                ("ms per step by category (share of kernel time, kernels per step)", markdown_table(per_cat))]
+    for r in ok:
+        rows = [{"kernel": t["name"][:110], "category": t["category"], "ms/step": t["ms"], "calls/step": t["calls"]}
+                for t in r["top"]]
+        sections.append((f"Top {TOP} kernels: {r['variant']}", markdown_table(rows)))
+    return sections
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny preset, 2 x 64 tokens: a smoke run")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first, compilation (default 3; 2 with --tiny)")
+    p.add_argument("--timed-steps", type=int, default=None,
+                   help="steps timed without the profiler: the wall step (default 5; 2 with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="profiled steps (default 3; 2 with --tiny)")
+    p.add_argument("--compiler", default=None, choices=("inductor", "aot_eager", "eager"),
+                   help="what compiles the compiled variants (default: inductor; aot_eager on CPU)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per variant")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
+    p.add_argument("--name", default=None, help="file name stem (default profile-<date>-<gpu>)")
+    p.add_argument("--commit", default=None, help="commit to record (trees without .git); also $CHRONICALS_COMMIT")
+    p.add_argument("--trace-dir", default=None, help="keep each variant's chrome trace here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def main(argv=None) -> int:
+    for path in (HERE, REPO):  # here, not at import: tests import this module for its parsers
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    args = parse_args(argv)
+    if args.worker is not None:
+        return worker_main(args.worker)
+    import torch
+
+    import common
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        print(f"profile_step: error: unknown variant(s) {bad}; known: {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    if args.commit:
+        os.environ["CHRONICALS_COMMIT"] = args.commit
+    spec = {"device": device, "preset": "tiny" if args.tiny else "qwen2.5-0.5b", "tiny_vocab": 512,
+            "batch": args.batch or (2 if args.tiny else 8), "seq": args.seq or (64 if args.tiny else 2048),
+            "dtype": "bfloat16" if device.startswith("cuda") else "float32",
+            "warmup": _default(args.warmup, 2 if args.tiny else 3),
+            "timed_steps": _default(args.timed_steps, 2 if args.tiny else 5),
+            "steps": max(1, _default(args.steps, 2 if args.tiny else 3)),
+            "compiler": args.compiler or ("inductor" if device.startswith("cuda") else "aot_eager"),
+            "trace_dir": args.trace_dir}
+    env = common.environment(device)
+    command = "python benchmarks/profile_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    stem = args.name or common.stamp("profile", device)
+    settings = {k: spec[k] for k in ("preset", "batch", "seq", "dtype", "warmup", "timed_steps", "steps", "compiler")}
+    note = (f"{settings}. AdamW(fused) + clip_grad_norm_ each step, synchronized per step as in e2e.py. "
+            "wall = median unprofiled step; busy = union of kernel intervals (CPU: of top-level ops); "
+            "gap = wall - busy (profiled gap: against the profiled steps' mean wall). "
+            f"Categories by kernel name (first match): {RULES}.")
+    signal.signal(signal.SIGTERM, _on_term)
+    print("profile_step: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    results = []
+    for variant in variants:
+        t0 = time.perf_counter()
+        r = run_variant({**spec, "variant": variant}, args.timeout)
+        results.append(r)
+        msg = (f"wall {r['wall_ms']:.1f} ms, busy {r['busy_ms']:.1f} ms, gap {r['gap_ms']:.1f} ms"
+               if r["status"] == "ok" else r["status"])
+        print(f"profile_step: {variant}: {msg} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for line in r.get("stderr_tail", [])[-6:]:
+            print(f"      {line}", flush=True)
+        # written after every variant: a session timeout keeps what was measured
+        sections = [("", f"Command: `{command.strip()}`"), *render(results), ("", note)]
+        md = common.write_markdown(os.path.join(args.out, stem + ".md"), "Training step profile", env, sections)
+        js = common.write_json(os.path.join(args.out, stem + ".json"),
+                               {"environment": env, "command": command, "settings": settings,
+                                "categories": CATEGORIES, "rules": RULES, "results": results})
+    print("\n\n".join(text for _, text in render(results)))
+    print(f"profile_step: wrote {md}, {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""benchmarks/profile_step.py: the CPU smoke run end to end, and the GPU-side trace parsing on a
+synthetic CUDA trace (the real one only exists on the device)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import importlib.util
+
+import pytest
+
+from cli_helpers import REPO
+
+_spec = importlib.util.spec_from_file_location("profile_step", os.path.join(REPO, "benchmarks", "profile_step.py"))
+profile_step = importlib.util.module_from_spec(_spec)  # loaded by path: benchmarks/ stays off sys.path
+_spec.loader.exec_module(profile_step)
+
+#: Kernel names as an H200 trace spells them (shortened) -> the category they must land in.
+GPU_NAMES = {
+    "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT": "matmul",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas": "matmul",
+    "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "matmul",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, "
+    "cutlass::bfloat16_t>, false, true>(pytorch_flash::Flash_fwd_params)": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64": "attention",
+    "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+    "_cce_fwd_kernel": "loss",
+    "_cce_grad_kernel": "loss",
+    "triton_red_fused__log_softmax__to_copy_nll_loss_forward_0": "loss",
+    "_rms_norm_fwd": "ours_fused",
+    "_gated_bwd": "ours_fused",
+    "_rope_kernel": "ours_fused",
+    "triton_poi_fused__to_copy_add_mul_rsqrt_0": "inductor_triton",
+    "triton_per_fused_add_mean_mul_pow_1": "inductor_triton",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>": "optimizer",
+    "void at::native::lpnorm_cleanup<c10::BFloat16, (at::native::NormType)1, float, float>": "optimizer",
+    "Memcpy DtoD (Device -> Device)": "copy_memset",
+    "Memset (Device)": "copy_memset",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "copy_memset",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>": "other",
+}
+
+
+@pytest.mark.parametrize("name,category", sorted(GPU_NAMES.items()))
+def test_classify_gpu_kernel_names(name, category):
+    assert profile_step.classify(name) == category
+
+
+def test_analyse_cuda_trace_busy_is_the_union_of_kernel_intervals():
+    def ev(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        ev("nvjet_tst_128x256", 0, 10), ev("triton_poi_fused_add_0", 5, 10),  # overlap (two streams)
+        ev("_cce_fwd_kernel", 30, 4), ev("Memset (Device)", 40, 2, "gpu_memset"),
+        ev("cudaLaunchKernel", 0, 1, "cuda_runtime"), ev("cudaLaunchKernel", 20, 1, "cuda_runtime"),
+        ev("aten::mm", 0, 50, "cpu_op"),  # CPU ops are not GPU time
+    ]}
+    r = profile_step.analyse_trace(trace, steps=2, device="cuda")
+    assert r["busy_ms"] == pytest.approx((15 + 4 + 2) / 1e3 / 2)
+    assert r["kernel_ms"] == pytest.approx((10 + 10 + 4 + 2) / 1e3 / 2)
+    assert r["categories"]["matmul"]["ms"] == pytest.approx(10 / 1e3 / 2)
+    assert r["categories"]["loss"]["count"] == 0.5
+    assert r["kernels_per_step"] == 2 and r["launch_calls_per_step"] == 1
+    assert r["top"][0]["name"] in ("nvjet_tst_128x256", "triton_poi_fused_add_0")
+
+
+def test_profile_step_tiny_cpu(tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--device", "cpu", "--tiny",
+           "--variants", "inductor,chronicals", "--out", str(tmp_path), "--name", "prof", "--commit", "abc1234"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = json.loads((tmp_path / "prof.json").read_text())
+    assert payload["environment"]["commit"] == "abc1234"
+    assert {"date", "device", "torch", "transformers"} <= set(payload["environment"])
+    assert payload["categories"] == profile_step.CATEGORIES
+    runs = {r["variant"]: r for r in payload["results"]}
+    assert set(runs) == {"inductor", "chronicals"}
+    for r in runs.values():
+        assert r["status"] == "ok", r["status"]
+        assert set(r["categories"]) == set(profile_step.CATEGORIES)
+        assert r["kernel_ms"] > 0 and r["busy_ms"] > 0 and r["wall_ms"] > 0
+        assert r["categories"]["matmul"]["ms"] > 0 and r["categories"]["attention"]["ms"] > 0
+        assert 0 < len(r["top"]) <= profile_step.TOP
+    assert runs["chronicals"]["categories"]["loss"]["count"] >= 1  # the fused CE op
+    md = (tmp_path / "prof.md").read_text()
+    assert "| matmul |" in md and "Top 15 kernels: chronicals" in md
