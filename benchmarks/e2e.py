@@ -220,12 +220,20 @@ def run_variant(spec: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
+
+    def stop_worker(signum, frame):  # killed from outside (timeout): take the worker's GPU work along
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop_worker)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return {**base, "status": f"timeout ({timeout:.0f} s)", "wall_s": time.perf_counter() - t0}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     wall = time.perf_counter() - t0
     for line in reversed(out.splitlines()):
         if line.startswith(RESULT_TAG):
