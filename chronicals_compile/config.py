@@ -36,6 +36,10 @@ class Options:
     #: What happens to a logits graph output once lm_head + CE is fused.
     #: ``auto`` = ``drop`` when training (grad enabled, labels present), ``keep`` otherwise.
     logits: LogitsPolicy = "auto"
+    #: Cut cross-entropy in training: ``fused`` computes dh and dW during the forward (the logits
+    #: once) and scales them in backward; ``recompute`` recomputes the logit tiles in backward
+    #: (less memory held between forward and backward, a third more matmul work).
+    cce_mode: Literal["fused", "recompute"] = "fused"
     #: Who compiles the rewritten graph: ``inductor`` (default), ``aot_eager`` (AOTAutograd
     #: without code generation: fast CPU tests of the passes) or ``eager`` (debugging).
     compiler: Literal["inductor", "aot_eager", "eager"] = "inductor"
@@ -80,6 +84,8 @@ def make_options(**kwargs: Any) -> Options:
         raise ValueError(
             f"chronicals.logits must be one of auto, drop, detach, keep; got {kwargs['logits']!r}"
         )
+    if kwargs.get("cce_mode", "fused") not in ("fused", "recompute"):
+        raise ValueError(f"chronicals.cce_mode must be fused or recompute; got {kwargs['cce_mode']!r}")
     if kwargs.get("compiler", "inductor") not in ("inductor", "aot_eager", "eager"):
         raise ValueError(f"chronicals.compiler must be inductor, aot_eager or eager; got {kwargs['compiler']!r}")
     return Options(**kwargs)

@@ -27,10 +27,10 @@ gradients and with logits returned anyway, the loss from the materialised logits
 recomputing them, so the pattern is left alone (reported) unless the policy is ``drop``.
 
 Training graphs get ``linear_cross_entropy_fused`` (gradients computed during the forward, the
-logits computed once) unless ``CHRONICALS_CCE_MODE=recompute`` selects the forward op whose
-backward recomputes the logit tiles; graphs without gradients get the forward op alone. (An
-environment variable because ``config.Options`` has no key for it yet; the fused op's CUDA
-implementation likewise reads ``CHRONICALS_CCE_LOGITS=tiles|matmul``.)
+logits computed once) unless ``chronicals.cce_mode="recompute"`` selects the forward op whose
+backward recomputes the logit tiles; graphs without gradients get the forward op alone. (The fused
+op's CUDA implementation reads ``CHRONICALS_CCE_LOGITS=matmul|tiles``: a kernel-level choice with no
+place in the op's schema yet.)
 """
 from __future__ import annotations
 
@@ -239,8 +239,10 @@ def match(ce: fx.Node, ctx=None) -> Found:
                  need_dh=training and _requires_grad(h), need_dw=training and _requires_grad(w))
 
 
-def _mode() -> str:
-    mode = os.environ.get("CHRONICALS_CCE_MODE", "fused")
+def _mode(ctx) -> str:
+    """``chronicals.cce_mode``; the CHRONICALS_CCE_MODE environment variable still overrides it
+    (benchmarks flip it without recompiling their option plumbing)."""
+    mode = os.environ.get("CHRONICALS_CCE_MODE") or getattr(getattr(ctx, "options", None), "cce_mode", "fused")
     return mode if mode in ("fused", "recompute") else "fused"
 
 
@@ -301,7 +303,7 @@ def rewrite(gm: fx.GraphModule, found: Found, ctx) -> fx.Node:
             w = _insert(gm, "call_method", "to", (w, out_dtype), ce)
         common = (h, w, found.target, found.ignore_index, found.reduction, found.smoothing,
                   found.softcap, found.scale)
-        if found.training and (found.need_dh or found.need_dw) and _mode() == "fused":
+        if found.training and (found.need_dh or found.need_dw) and _mode(ctx) == "fused":
             fused = _insert(gm, "call_function", ops.linear_cross_entropy_fused.default,
                             common + (found.need_dh, found.need_dw), ce)
         else:

@@ -135,10 +135,10 @@ def test_drop_warns_once_naming_the_option():
     assert len(ours) == 1
 
 
-def test_recompute_mode_trains_like_eager(monkeypatch):
-    monkeypatch.setenv("CHRONICALS_CCE_MODE", "recompute")
+def test_recompute_mode_trains_like_eager():
     model = tiny_model("qwen2", layers=1)
-    report, eager, compiled = compiled_vs_eager(model, random_batch(pad_labels=3), options=FAST)
+    report, eager, compiled = compiled_vs_eager(model, random_batch(pad_labels=3),
+                                                options={**FAST, "cce_mode": "recompute"})
     assert report.swaps.get(NAME) == 1, str(report)
     assert_same_training_step(eager, compiled)
 
