@@ -1,4 +1,4 @@
-"""Fixtures of the CLI tests; plain helpers live in ``cli_helpers``."""
+"""Fixtures of the CLI tests; plain helpers live in ``chronicals_compile.testing.cli_runner``."""
 from __future__ import annotations
 
 import pytest

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cli_helpers import error_lines, run_module, write_jsonl
+from chronicals_compile.testing.cli_runner import error_lines, run_module, write_jsonl
 
 PAIRS = [{"prompt": f"Question {i}?", "response": f"Answer number {i}, with a few words."} for i in range(20)]
 

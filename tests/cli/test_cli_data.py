@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from chronicals_compile.cli import data
-from cli_helpers import write_jsonl
+from chronicals_compile.testing.cli_runner import write_jsonl
 
 
 @pytest.fixture(scope="module")

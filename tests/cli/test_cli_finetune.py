@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from chronicals_compile.cli import finetune
-from cli_helpers import error_lines, write_jsonl
+from chronicals_compile.testing.cli_runner import error_lines, write_jsonl
 
 TINY = ["finetune", "--model", "tiny", "--max-len", "64", "--batch-tokens", "512", "--seed", "0"]
 

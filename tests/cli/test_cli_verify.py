@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from chronicals_compile.cli import verify
 from chronicals_compile.verify.tolerance import Measurement
-from cli_helpers import run_module
+from chronicals_compile.testing.cli_runner import run_module
 
 
 def test_verify_quick_passes_and_prints_a_table():

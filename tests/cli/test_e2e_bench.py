@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from cli_helpers import REPO
+from chronicals_compile.testing.cli_runner import REPO
 
 
 def test_e2e_tiny_cpu(tmp_path):

@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 
-from cli_helpers import REPO
+from chronicals_compile.testing.cli_runner import REPO
 
 _spec = importlib.util.spec_from_file_location("profile_step", os.path.join(REPO, "benchmarks", "profile_step.py"))
 profile_step = importlib.util.module_from_spec(_spec)  # loaded by path: benchmarks/ stays off sys.path

@@ -15,7 +15,7 @@ from chronicals_compile.runtime import (
     enable_packed_attention,
     warn_if_cache_in_training,
 )
-from runtime_models import VOCAB, random_docs, tiny_model
+from chronicals_compile.testing.packed_models import VOCAB, random_docs, tiny_model
 
 SPANS = [(0, 20), (20, 35), (35, 60)]  # documents A, B, C in one row
 

@@ -9,7 +9,7 @@ from peft.optimizers import create_loraplus_optimizer as peft_create_loraplus_op
 from torch import nn
 
 from chronicals_compile.runtime import create_loraplus_optimizer, loraplus_param_groups
-from runtime_models import tiny_model
+from chronicals_compile.testing.packed_models import tiny_model
 
 LR, RATIO, EMB_LR, WD = 1e-3, 16.0, 5e-4, 0.1
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from chronicals_compile.runtime import PackingCollator
-from runtime_models import FAMILIES, random_docs, tiny_model
+from chronicals_compile.testing.packed_models import FAMILIES, random_docs, tiny_model
 
 LENGTHS = [23, 7, 41, 2, 12]  # includes a 2-token document (one target) and uneven sizes
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from chronicals_compile.runtime import PackedDataset, PackingCollator, create_loraplus_optimizer, enable_packed_attention
-from runtime_models import VOCAB, tiny_model
+from chronicals_compile.testing.packed_models import VOCAB, tiny_model
 
 
 def _documents(n: int = 96) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""Tiny random causal LMs and documents shared by the runtime tests (no hub access needed)."""
+"""Tiny random causal LMs with packed-document attention, and random documents: the runtime tests'
+fixtures (no hub access needed)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Helpers for the CLI tests (a module of its own: ``conftest`` names collide across test folders)."""
+"""Running the CLI as users do (a fresh ``python -m chronicals_compile`` process), for tests."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+#: The source checkout (tests and benchmarks run from it).
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
