@@ -16,11 +16,13 @@ def tiny_model(family: str = "llama", *, layers: int = 2, hidden: int = 64, head
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[family]
+    config_kwargs.setdefault("max_position_embeddings", 512)
+    config_kwargs.setdefault("use_cache", False)
+    config_kwargs.setdefault("attn_implementation", "sdpa")
     config = config_cls(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=512, use_cache=False, tie_word_embeddings=tie,
-        attn_implementation=config_kwargs.pop("attn_implementation", "sdpa"), **config_kwargs,
+        tie_word_embeddings=tie, **config_kwargs,
     )
     torch.manual_seed(seed)
     return model_cls(config).to(dtype)

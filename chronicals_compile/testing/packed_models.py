@@ -4,44 +4,22 @@ fixtures (no hub access needed)."""
 from __future__ import annotations
 
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from chronicals_compile.runtime import enable_packed_attention
 
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-}
+from .models import FAMILIES, tiny_model as _base_model
+
 VOCAB = 128
 
 
 def tiny_model(family: str, *, packed: bool = True, seed: int = 0, **overrides) -> torch.nn.Module:
-    """hidden 64, 2 layers, 4 heads, 2 kv heads (GQA), vocab 128, fp32, random weights."""
-    config_cls, model_cls = FAMILIES[family]
-    kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
+    """hidden 64, 2 layers, 4 heads, 2 kv heads (GQA), vocab 128, fp32, random weights, in train
+    mode, with packed-document attention (or stock sdpa with ``packed=False``)."""
     if family == "mistral":
-        kwargs["sliding_window"] = None
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs)).float()
+        overrides.setdefault("sliding_window", None)
+    overrides.setdefault("max_position_embeddings", 1024)
+    model = _base_model(family, vocab=VOCAB, intermediate=overrides.pop("intermediate_size", 128), seed=seed,
+                        **overrides)
     # Random init gives tiny logits; a larger lm_head makes losses and their gradients less uniform.
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
