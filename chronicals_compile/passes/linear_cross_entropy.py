@@ -41,7 +41,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from .graph_utils import NoMatch, arg, cast_target, describe, dtype_of, erase_dead, meta, op, set_fake_value
+from .graph_utils import NoMatch, arg, cast_target, dtype_of, erase_dead, meta, op, set_fake_value
 from .sizes import same_size
 
 NAME = "linear_cross_entropy"

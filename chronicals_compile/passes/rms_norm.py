@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .graph_utils import (
-    NoMatch, arg, binary_operands, cast_target, dtype_of, erase_dead, is_missing, is_number,
+    NoMatch, arg, binary_operands, cast_target, dtype_of, is_missing, is_number,
     meta, only_users_in, op, other_operand, replace_with_call,
 )
 from .sizes import same_size

@@ -10,6 +10,7 @@ from chronicals_compile.runtime import enable_packed_attention
 from .models import FAMILIES, tiny_model as _base_model
 
 VOCAB = 128
+__all__ = ["FAMILIES", "VOCAB", "tiny_model", "random_docs", "doc_spans"]
 
 
 def tiny_model(family: str, *, packed: bool = True, seed: int = 0, **overrides) -> torch.nn.Module:
