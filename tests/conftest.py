@@ -1,12 +1,16 @@
-"""Without a GPU, Triton kernels run through the interpreter: set it before anything imports
-Triton. With one (tests/gpu on the device), they must compile for real, so leave it unset."""
+"""The CPU suite runs Triton kernels through the interpreter on CPU tensors, also on a machine
+that has a GPU; only ``tests/gpu`` compiles them for real. Set before anything imports Triton."""
 import os
 
 import torch
+from hypothesis import settings
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-from hypothesis import settings  # noqa: E402
+
+def pytest_configure(config):
+    gpu_run = any("gpu" in os.path.normpath(str(a).split("::")[0]).split(os.sep) for a in config.args)
+    if not gpu_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 torch.set_num_threads(2)
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
