@@ -37,3 +37,21 @@ def random_batch(batch: int = 2, seq: int = 16, vocab: int = 128, seed: int = 0,
     if pad_labels:
         labels[:, -pad_labels:] = -100
     return {"input_ids": ids, "labels": labels}
+
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def with_lora(model: torch.nn.Module, targets=ALL_PROJECTIONS, *, r: int = 4, b_std: float = 0.02,
+              seed: int = 0) -> torch.nn.Module:
+    """``model`` wrapped in peft LoRA on ``targets``, with B drawn at random instead of zeros: a
+    zero B makes every adapter gradient but B's vanish, and a gradient check would prove little."""
+    import peft
+
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+    return model

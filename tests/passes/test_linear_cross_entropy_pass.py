@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import chronicals_compile
-from chronicals_compile.testing import FAMILIES, random_batch, tiny_model
-from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager, loss_and_grads
+from chronicals_compile.testing import FAMILIES, random_batch, tiny_model, with_lora
+from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
 
 FAST = {"compiler": "aot_eager"}
 NAME = "linear_cross_entropy"
@@ -58,26 +58,14 @@ def test_gemma2_soft_cap_and_tied_embedding():
 
 
 def test_peft_lora_frozen_lm_head():
-    import peft
-
-    model = tiny_model("qwen2", layers=1)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.02)
+    model = with_lora(tiny_model("qwen2", layers=1), ["q_proj", "v_proj"])
     report, eager, compiled = compiled_vs_eager(model, random_batch(pad_labels=2), options=FAST)
     assert report.swaps.get(NAME) == 1, str(report)
     assert_same_training_step(eager, compiled)
 
 
 def test_lora_wrapped_lm_head_is_left_alone_with_reason():
-    import peft
-
-    model = tiny_model("llama", layers=1)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.02)
+    model = with_lora(tiny_model("llama", layers=1), ["q_proj", "lm_head"])
     report, eager, compiled = compiled_vs_eager(model, random_batch(), options=FAST)
     assert report.swaps.get(NAME, 0) == 0, str(report)
     assert any(f.pattern == NAME and "lm_head" in f.reason for f in report.fallbacks), str(report)

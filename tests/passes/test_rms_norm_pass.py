@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import chronicals_compile
-from chronicals_compile.testing import FAMILIES, random_batch, tiny_model
+from chronicals_compile.testing import FAMILIES, random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
 
 FAST = {"compiler": "aot_eager"}
@@ -36,15 +36,7 @@ def test_gradient_checkpointing_bodies_are_rewritten():
 
 
 def test_peft_lora():
-    import peft
-
-    model = tiny_model("mistral")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "up_proj", "down_proj"])
-    model = peft.get_peft_model(model, config)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:  # B starts at zero; make the adapters matter in the gradient check
-            nn.init.normal_(p, std=0.02)
+    model = with_lora(tiny_model("mistral"))
     report, eager, compiled = compiled_vs_eager(model, random_batch(), options=FAST)
     assert report.swaps.get("rms_norm") == 5, str(report)
     assert_same_training_step(eager, compiled)

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from chronicals_compile.testing import random_batch, tiny_model
+from chronicals_compile.testing import ALL_PROJECTIONS, random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import (assert_same_training_step, compile_and_capture,
                                                       compiled_vs_eager)
 from chronicals_compile.verify import rope as rope_case
 
 FAST = {"compiler": "aot_eager"}
 LAYERS = 2
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 
@@ -269,13 +268,7 @@ def assert_counts(report):
 
 
 def test_peft_lora_on_every_projection():
-    import peft
-
-    model = peft.get_peft_model(tiny_model("mistral", layers=LAYERS),
-                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; make the adapters matter in the gradients
-            nn.init.normal_(p, std=0.05)
+    model = with_lora(tiny_model("mistral", layers=LAYERS), ALL_PROJECTIONS, b_std=0.05)
     report, eager, compiled = compiled_vs_eager(model, random_batch(), options=FAST)
     assert_counts(report)
     assert_same_training_step(eager, compiled)
