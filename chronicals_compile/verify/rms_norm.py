@@ -26,16 +26,16 @@ def check(rows: int, hidden: int, dtype: torch.dtype, weight_dtype: str = "same"
           eps: float = 1e-6) -> list[Measurement]:
     from ..kernels.rms_norm import rms_norm_backward, rms_norm_forward
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where used: CPU draws stall GPU runs
     wdtype = dtype if weight_dtype == "same" else torch.float32
     if non_contiguous:  # every other column of a wider buffer: row stride != hidden
-        base = torch.randn(rows, 2 * hidden, generator=gen).to(dtype).to(device)
+        base = torch.randn(rows, 2 * hidden, generator=gen, device=device).to(dtype)
         x = base[:, ::2]
     else:
-        x = torch.randn(rows, hidden, generator=gen).to(dtype).to(device)
-    w = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(wdtype).to(device)
+        x = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
+    w = (1 + 0.5 * torch.randn(hidden, generator=gen, device=device)).to(wdtype)
     out_dtype = torch.promote_types(dtype, wdtype)
-    dy = torch.randn(rows, hidden, generator=gen).to(out_dtype).to(device)
+    dy = torch.randn(rows, hidden, generator=gen, device=device).to(out_dtype)
 
     y = rms_norm_forward(x, w, eps)
     dx, dw = rms_norm_backward(dy, x, w, eps)

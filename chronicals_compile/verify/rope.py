@@ -47,33 +47,33 @@ def torch_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def make_inputs(batch: int, seq: int, kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
                 cos_dtype: str = "same", layout: str = "hf", cos_batch: bool = False,
                 cos_kind: str = "rotary", seed: int = 0, device: str = "cpu"):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where used: CPU draws stall GPU runs
     hq, hk, d = kv_heads * group, kv_heads, head_dim
 
     def head_tensor(heads):
         if layout == "hf":
-            return torch.randn(batch, seq, heads * d, generator=gen).view(batch, seq, heads, d).transpose(1, 2)
+            return torch.randn(batch, seq, heads * d, generator=gen, device=device).view(batch, seq, heads, d).transpose(1, 2)
         if layout == "partial":
-            return torch.randn(batch, heads, seq, 2 * d, generator=gen)[..., :d]
-        return torch.randn(batch, heads, seq, d, generator=gen)
+            return torch.randn(batch, heads, seq, 2 * d, generator=gen, device=device)[..., :d]
+        return torch.randn(batch, heads, seq, d, generator=gen, device=device)
 
-    q = head_tensor(hq).to(dtype).to(device)
-    k = head_tensor(hk).to(dtype).to(device)
+    q = head_tensor(hq).to(dtype)
+    k = head_tensor(hk).to(dtype)
     cb = batch if cos_batch else 1
     if cos_kind == "rotary":
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        pos = torch.randint(0, 4096, (cb, seq), generator=gen).float()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        pos = torch.randint(0, 4096, (cb, seq), generator=gen, device=device).float()
         freqs = pos[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
     else:
-        cos, sin = torch.randn(cb, seq, d, generator=gen), torch.randn(cb, seq, d, generator=gen)
+        cos, sin = torch.randn(cb, seq, d, generator=gen, device=device), torch.randn(cb, seq, d, generator=gen, device=device)
     cdt = dtype if cos_dtype == "same" else torch.float32
     cos, sin = cos.to(cdt).unsqueeze(1).to(device), sin.to(cdt).unsqueeze(1).to(device)
     out_dtype = torch.promote_types(dtype, cdt)
     shape_q, shape_k = (batch, hq, seq, d), (batch, hk, seq, d)
-    dq_out = torch.randn(*shape_q, generator=gen).to(out_dtype).to(device)
-    dk_out = torch.randn(*shape_k, generator=gen).to(out_dtype).to(device)
+    dq_out = torch.randn(*shape_q, generator=gen, device=device).to(out_dtype)
+    dk_out = torch.randn(*shape_k, generator=gen, device=device).to(out_dtype)
     return q, k, cos, sin, dq_out, dk_out
 
 

@@ -38,10 +38,10 @@ def torch_gated(a: torch.Tensor, b: torch.Tensor, act: str) -> torch.Tensor:
 
 def make_inputs(rows: int, width: int, dtype: torch.dtype, layout: str, seed: int,
                 device: str = "cpu", scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where used: CPU draws stall GPU runs
 
     def randn(*shape):
-        return (scale * torch.randn(*shape, generator=gen)).to(dtype).to(device)
+        return (scale * torch.randn(*shape, generator=gen, device=device)).to(dtype)
 
     if layout == "chunk":
         a, b = randn(rows, 2 * width).chunk(2, dim=-1)
