@@ -1,26 +1,61 @@
 #!/usr/bin/env bash
-# One device call: the end-to-end table, the step profile (where the time goes), the GPU equivalence
-# tests, then the per-op microbenchmarks, each under its own time limit, every result written under
-# $OUT as soon as it exists.
-# Usage (device tool, carry .whl): CHRONICALS_COMMIT=<sha> bash benchmarks/gpu_session.sh [e2e_s] [tests_s] [micro_s] [profile_s]
+# Device calls for the GPU evidence, one stage or several per call, each stage under its own limit,
+# every result written under $OUT as soon as it exists (at most 8 files come back from a call:
+# e2e stages write md+json+2 png each, so run at most one e2e stage beside tests/profile).
+# Usage (device tool, carry .whl): CHRONICALS_COMMIT=<sha> bash benchmarks/gpu_session.sh STAGE[=seconds] ...
 # (the device copy has no .git: pass the commit the tree was sent at)
-# Defaults fill one 10-minute call only roughly; the kernel-only microbenchmarks need about 5 minutes
-# on their own (see benchmarks/gpu_micro.py), so give them a call of their own when the budget allows.
+# Stages (default seconds):
+#   tests=200       tests/gpu, one pytest process per file in parallel (one process took > 4 min)
+#   e2e=300         Qwen0.5B 8x2048 full FT: eager, inductor, liger, chronicals, chronicals-all
+#   e2e-lora=540    the same shape with LoRA r=32: eager, inductor, liger, liger-compiled, chronicals
+#                   (LoRA compiles take about 80 s each on the H200 host)
+#   e2e-long=540    Qwen0.5B 16x4096 full FT: eager and inductor (expected to run out of memory), liger, chronicals
+#   e2e-llama=300   Llama-3.2-1B 8x2048 full FT
+#   profile=120     profiler breakdown, inductor vs chronicals
+#   micro=330       kernel-only microbenchmarks of rms_norm, swiglu, rope
+#   lce=300         cut cross-entropy sweep (bench_linear_cross_entropy.py --sweep)
+# Measured 2026-11-28 on one H200: tests 110 s in parallel; e2e 206 s; profile 100 s; micro 300 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-benchmarks/results}"
-S=/tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --target $S .whl/*.whl 2>&1 | tail -2
+S=/tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $S .whl/*.whl 2>&1 | grep -v WARN | tail -2
 export PYTHONPATH=$S:$PWD
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "(editable install failed: backend by name unavailable)"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-echo "== e2e"
 COMMIT="${CHRONICALS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-timeout "${1:-240}" python3 benchmarks/e2e.py --shapes qwen0.5b-8x2048 --modes full --commit "$COMMIT" \
-  --variants "${E2E_VARIANTS:-eager,inductor,chronicals}" --steps 10 --warmup 3 --out "$OUT" --name e2e 2>&1 | grep -v Warning
-echo "== profile"
-timeout "${4:-180}" python3 benchmarks/profile_step.py --commit "$COMMIT" --variants "${PROFILE_VARIANTS:-inductor,chronicals,chronicals-all}" \
-  --out "$OUT" --name profile 2>&1 | grep -v Warning
-echo "== gpu tests"
-timeout "${2:-240}" python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
-echo "== micro"
-timeout "${3:-90}" python3 benchmarks/gpu_micro.py --ops ${MICRO_OPS:-rms_norm linear_cross_entropy swiglu rope} --out "$OUT" 2>&1 | grep -v Warning
+E2E="python3 benchmarks/e2e.py --commit $COMMIT --steps 10 --warmup 3 --out $OUT"
+
+run_tests() {
+  mkdir -p /tmp/gpu_logs
+  for f in tests/gpu/test_*.py; do
+    (timeout "$1" python3 -m pytest "$f" -q -p no:cacheprovider -p no:logging -o addopts="" -W ignore --durations=3 \
+       > "/tmp/gpu_logs/$(basename "$f" .py).log" 2>&1; echo "rc=$?" >> "/tmp/gpu_logs/$(basename "$f" .py).log") &
+  done
+  wait
+  for f in /tmp/gpu_logs/*.log; do echo "##### $f"; tail -25 "$f"; done > "$OUT/gpu_tests.log"
+  grep -E "#####|passed|failed|rc=|^FAILED" "$OUT/gpu_tests.log"
+}
+
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(tests e2e profile)
+for stage in "${stages[@]}"; do
+  name="${stage%%=*}"; secs="${stage#*=}"; [ "$secs" = "$stage" ] && secs=""
+  echo "== $name"
+  case "$name" in
+    tests) run_tests "${secs:-200}" ;;
+    e2e) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e \
+           --variants eager,inductor,liger,chronicals,chronicals-all 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-lora) timeout "${secs:-540}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora \
+           --variants eager,inductor,liger,liger-compiled,chronicals 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-long) timeout "${secs:-540}" $E2E --shapes qwen0.5b-16x4096 --modes full --name e2e_16x4096 \
+           --variants eager,inductor,liger,chronicals 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-llama) timeout "${secs:-300}" $E2E --shapes llama1b-8x2048 --modes full --name e2e_llama1b \
+           --variants eager,inductor,liger,chronicals 2>&1 | grep "^e2e:\|^|" ;;
+    profile) timeout "${secs:-120}" python3 benchmarks/profile_step.py --commit "$COMMIT" --out "$OUT" --name profile \
+           --variants "${PROFILE_VARIANTS:-inductor,chronicals}" 2>&1 | grep -v Warning | tail -30 ;;
+    micro) timeout "${secs:-330}" python3 benchmarks/gpu_micro.py --ops rms_norm swiglu rope --out "$OUT" 2>&1 \
+           | grep -v Warning | grep "^##\|^|" ;;
+    lce) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py --sweep 2>&1 \
+           | grep -v Warning | tee "$OUT/lce_sweep.md" | tail -40 ;;
+    *) echo "unknown stage $name" ;;
+  esac
+done
