@@ -411,19 +411,17 @@ def environment(device: str) -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    for name in ("transformers", "triton", "peft", "liger_kernel"):
-        try:
-            module = __import__(name)
-            env[name] = getattr(module, "__version__", "?")
-        except Exception:
-            env[name] = "n/a"
-    if env["liger_kernel"] == "?":
-        try:
-            from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-            env["liger_kernel"] = version("liger-kernel")
-        except Exception:
-            pass
+    for module, dist in (("transformers", "transformers"), ("triton", "triton"), ("peft", "peft"),
+                         ("liger_kernel", "liger-kernel"), ("cut_cross_entropy", "cut-cross-entropy")):
+        try:
+            env[module] = version(dist)
+        except PackageNotFoundError:  # importable from a path (device runs: --target dirs) or absent
+            try:
+                env[module] = getattr(__import__(module), "__version__", "?")
+            except Exception:
+                env[module] = "n/a"
     return env
 
 

@@ -1,4 +1,5 @@
-"""End-to-end training-step benchmark: eager, Inductor, Liger-Kernel (eager / compiled), chronicals.
+"""End-to-end training-step benchmark: eager, Inductor, Liger-Kernel (eager / compiled), Apple's cut
+cross-entropy (default gradient filter, and exact), chronicals.
 
 Every (shape, mode, variant) runs in its own subprocess, so compile caches, patched classes
 (Liger patches transformers' modules globally) and allocator state never leak between
@@ -48,7 +49,7 @@ if REPO not in sys.path:
 
 #: ``chronicals``: the backend's defaults; ``chronicals-all``: also the patterns that are off by
 #: default on CUDA until measured faster than Inductor (config.CUDA_OFF_BY_DEFAULT).
-VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "chronicals", "chronicals-all")
+VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all")
 MODES = ("full", "lora")
 #: name -> (preset, batch, seq)
 SHAPES = {
@@ -74,6 +75,26 @@ def _apply_liger(family: str) -> None:
 
     apply = {"qwen2": lk.apply_liger_kernel_to_qwen2, "llama": lk.apply_liger_kernel_to_llama}[family]
     apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+def _cce_loss_step(model, variant: str, device: str):
+    """Apple's cut cross-entropy as its README applies it (its 25.x wheel has no transformers patch):
+    the decoder body under torch.compile, then ``linear_cross_entropy(hidden, lm_head.weight,
+    labels, shift=1)``, which shifts and averages over the scored tokens as HF's loss does.
+    ``cce`` keeps its default gradient filter (approximate: small softmax tiles are skipped);
+    ``cce-exact`` passes ``filter_eps=None``. On CPU its pure-torch impl runs (the harness smoke run)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = base.model, base.get_output_embeddings()
+    body.compile()
+    kwargs = {"filter_eps": None} if variant == "cce-exact" else {}
+    impl = "cce" if device.startswith("cuda") else "torch_compile"
+
+    def step(ids):
+        hidden = body(input_ids=ids).last_hidden_state
+        return linear_cross_entropy(hidden, head.weight, ids, shift=1, impl=impl, **kwargs)
+    return step
 
 
 def worker(spec: dict) -> dict:
@@ -111,8 +132,14 @@ def worker(spec: dict) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], fused=device.startswith("cuda") or None)
+    loss_step = None
     if variant in ("inductor", "liger-compiled"):
         model.compile()
+    elif variant.startswith("cce"):
+        try:
+            loss_step = _cce_loss_step(model, variant, device)
+        except ImportError as err:
+            return {**result, "status": f"n/a (cut_cross_entropy not importable: {err.name or err})"}
     elif variant.startswith("chronicals"):
         import chronicals_compile
         from chronicals_compile.config import CUDA_OFF_BY_DEFAULT
@@ -143,16 +170,16 @@ def worker(spec: dict) -> dict:
         ids = ids.to(device, non_blocking=True)
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+        loss = loss_step(ids) if loss_step else model(input_ids=ids, labels=ids).loss
+        loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t0)
-        losses.append(out.loss.detach())
+        losses.append(loss.detach())
         norms.append(norm.detach())
-        del out
+        del loss
     losses = [float(x) for x in losses]
     norms = [float(x) for x in norms]
     timed = times[spec["warmup"]:]

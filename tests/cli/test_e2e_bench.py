@@ -11,20 +11,24 @@ from chronicals_compile.testing.cli_runner import REPO
 
 def test_e2e_tiny_cpu(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "e2e.py"), "--device", "cpu", "--tiny",
-           "--variants", "eager,liger,chronicals", "--modes", "full,lora", "--steps", "2", "--warmup", "1",
+           "--variants", "eager,liger,cce,chronicals", "--modes", "full,lora", "--steps", "2", "--warmup", "1",
            "--chronicals-compiler", "aot_eager", "--out", str(tmp_path), "--name", "e2e-test"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     payload = json.loads((tmp_path / "e2e-test.json").read_text())
     assert {"date", "commit", "device", "torch", "transformers"} <= set(payload["environment"])
     runs = {(r["mode"], r["variant"]): r for r in payload["results"]}
-    assert len(runs) == 6
+    assert len(runs) == 8
     for mode in ("full", "lora"):
         eager, ours = runs[(mode, "eager")], runs[(mode, "chronicals")]
         assert eager["status"] == ours["status"] == "ok", (eager["status"], ours["status"])
         assert ours["loss_check"] == "ok" and ours["grad_health"] == "ok"
         assert ours["tokens_per_s"] > 0 and len(ours["step_times_s"]) == 3
-        assert runs[(mode, "liger")]["status"].startswith(("n/a", "ok"))
+        for peer in ("liger", "cce"):  # optional packages: measured when installed, a row either way
+            peer_run = runs[(mode, peer)]
+            assert peer_run["status"] == "ok" or peer_run["status"].startswith("n/a"), peer_run["status"]
+            if peer_run["status"] == "ok":
+                assert peer_run["loss_check"] == "ok" and peer_run["grad_health"] == "ok"
     assert runs[("lora", "eager")]["trainable_parameters"] < runs[("full", "eager")]["trainable_parameters"]
     md = (tmp_path / "e2e-test.md").read_text()
     assert "| tiny-2x64 | lora | chronicals | ok |" in md and "MFU = " in md
