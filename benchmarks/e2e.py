@@ -49,7 +49,8 @@ if REPO not in sys.path:
 
 #: ``chronicals``: the backend's defaults; ``chronicals-all``: also the patterns that are off by
 #: default on CUDA until measured faster than Inductor (config.CUDA_OFF_BY_DEFAULT).
-VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all")
+VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
+            "chronicals-lean")
 MODES = ("full", "lora")
 #: name -> (preset, batch, seq)
 SHAPES = {
@@ -148,6 +149,8 @@ def worker(spec: dict) -> dict:
             "compiler": spec["chronicals_compiler"]}
         if variant == "chronicals-all":
             options["enable"] = sorted(CUDA_OFF_BY_DEFAULT)
+        if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)
+            options["memory_budget"] = spec["lean_budget"]
         chronicals_compile.compile(model, **options)
 
     # The same batches for every variant: a CPU generator, then moved.
@@ -350,6 +353,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="commit to record when the tree has no .git (e.g. a device copy); "
                         "also read from $CHRONICALS_COMMIT")
     # Hidden: the chronicals variant's compiler (tests on CPU use aot_eager).
+    p.add_argument("--lean-budget", type=float, default=0.5,
+                   help="chronicals-lean's memory_budget: share of activations kept for backward (default 0.5)")
     p.add_argument("--chronicals-compiler", default="inductor", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -391,7 +396,7 @@ def main(argv=None) -> int:
                 spec = {"shape": shape, "mode": mode, "variant": variant, "preset": preset, "batch": batch,
                         "seq": seq, "device": device, "dtype": dtype, "steps": steps, "warmup": warmup,
                         "seed": args.seed, "lr": args.lr, "gradient_checkpointing": args.gradient_checkpointing,
-                        "chronicals_compiler": args.chronicals_compiler,
+                        "chronicals_compiler": args.chronicals_compiler, "lean_budget": args.lean_budget,
                         "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else None}
                 r = run_variant(spec, args.timeout)
                 r["dtype"] = dtype
@@ -417,7 +422,7 @@ def main(argv=None) -> int:
     notes = (f"{steps} timed steps after {warmup} warm-up step(s), median step time; first step s = the first "
              f"warm-up step (compilation included). Random weights and tokens (seed {args.seed}), {dtype}, sdpa "
              f"attention, AdamW(fused=True) lr {args.lr:g}, grad clipping 1.0; LoRA: r={LORA_R}, alpha={2 * LORA_R}, "
-             f"all linear projections. Each variant in its own process. Loss check: first-step loss within "
+             f"all linear projections. chronicals-lean: memory_budget {args.lean_budget:g}. Each variant in its own process. Loss check: first-step loss within "
              f"{FIRST_LOSS_RTOL[dtype]:.0%} and final loss within {FINAL_LOSS_RTOL[dtype]:.0%} of eager's "
              f"(relative). Peak memory: " + ("torch.cuda.max_memory_allocated." if device.startswith("cuda") else
                                    "peak RSS of the worker process (CPU)."))

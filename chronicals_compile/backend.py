@@ -31,4 +31,8 @@ def chronicals_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**(list_mode_options(mode) if mode else {}), **inductor_options}
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    if ours.memory_budget is None:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    # The partition (what forward saves for backward) is decided while compile_fx runs.
+    with torch._functorch.config.patch(activation_memory_budget=float(ours.memory_budget)):
+        return compile_fx(gm, example_inputs, config_patches=patches or None)

@@ -20,10 +20,12 @@ LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 #: kernel beating Inductor's own fusion of the same chain (the issue's rule: swap by default only
 #: where ours wins). ``enable=[...]`` turns them on. Each entry says where the figures are.
 CUDA_OFF_BY_DEFAULT = {
-    "rms_norm": "slower than Inductor's fusion at 3 of 5 shapes on the H200 "
-                "(benchmarks/results/2026-11-28-h200/micro.md)",
-    "swiglu": "not yet measured against Inductor on a GPU",
-    "rope": "not yet measured against Inductor on a GPU",
+    "rms_norm": "forward+backward 0.79-1.02x Inductor's fusion of the same function on the H200 "
+                "(benchmarks/results/2026-11-28-h200-session2/micro.md)",
+    "swiglu": "at parity with Inductor (1.00x, both at copy bandwidth) on the H200: nothing to win "
+              "(benchmarks/results/2026-11-28-h200-session2/micro.md)",
+    "rope": "2.8-3.6x Inductor alone, yet the whole step with rms_norm/swiglu/rope on was 1.1% slower "
+            "than without them (benchmarks/results/2026-11-28-h200-session2/e2e.md)",
 }
 
 
@@ -46,6 +48,11 @@ class Options:
     #: An Inductor mode (``max-autotune``, ``reduce-overhead``...). Lives here because
     #: torch.compile refuses ``mode`` and ``options`` together.
     mode: str | None = None
+    #: Fraction (0..1) of the activations Inductor's partitioner may keep for backward
+    #: (``torch._functorch.config.activation_memory_budget``): lower recomputes more in backward
+    #: and holds less between forward and backward. ``None`` leaves torch's default (1.0, i.e.
+    #: recompute only what is free). Inductor only: the other compilers do not partition by cost.
+    memory_budget: float | None = None
 
     def enabled(self, pattern: str, device_type: str | None = None) -> bool:
         if pattern in self.disable:
@@ -88,6 +95,10 @@ def make_options(**kwargs: Any) -> Options:
         raise ValueError(f"chronicals.cce_mode must be fused or recompute; got {kwargs['cce_mode']!r}")
     if kwargs.get("compiler", "inductor") not in ("inductor", "aot_eager", "eager"):
         raise ValueError(f"chronicals.compiler must be inductor, aot_eager or eager; got {kwargs['compiler']!r}")
+    budget = kwargs.get("memory_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0.0 <= budget <= 1.0):
+        raise ValueError(f"chronicals.memory_budget must be a number from 0 to 1; got {budget!r}")
     return Options(**kwargs)
 
 

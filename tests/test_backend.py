@@ -45,6 +45,9 @@ def test_unknown_options_get_clear_errors():
         chronicals_compile.compile(tiny_model("llama"), disable=["rmsnorm"])
     with pytest.raises(ValueError, match="chronicals.logits"):
         chronicals_compile.compile(tiny_model("llama"), logits="sometimes")
+    for bad in (1.5, -0.1, "half", True):
+        with pytest.raises(ValueError, match="chronicals.memory_budget"):
+            chronicals_compile.compile(tiny_model("llama"), memory_budget=bad)
 
 
 def test_model_without_rms_norm_trains_with_zero_swaps():
@@ -85,3 +88,38 @@ def test_cuda_defaults_follow_the_measurements():
     assert make_options(enable=["rms_norm"]).enabled("rms_norm", "cuda")
     with pytest.raises(ValueError, match="both enabled and disabled"):
         make_options(enable=["rope"], disable=["rope"])
+
+
+def _pointwise_heavy(x, w1, w2):
+    h = torch.nn.functional.silu(x @ w1) * torch.sigmoid(x @ w1).cos()
+    h = (h.sin() + h.exp().tanh()) @ w2
+    return (h.relu() * h.sigmoid()).sum()
+
+
+def _saved_bytes_and_grads(options):
+    """Bytes the compiled forward saves for backward (counted by autograd's saved-tensor hooks,
+    which see what AOTAutograd's partition saves) and the input gradients."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(*shape, generator=gen, requires_grad=True) for shape in ((96, 32), (32, 80), (80, 32))]
+    fn = torch.compile(_pointwise_heavy, backend="chronicals", options=options) if options is not None else _pointwise_heavy
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    out.backward()
+    return saved[0], [a.grad for a in args]
+
+
+def test_memory_budget_saves_less_for_backward_with_the_same_gradients():
+    """chronicals.memory_budget reaches Inductor's partitioner: at 0 it keeps only what cannot be
+    recomputed cheaply (the matmul outputs), and the gradients stay those of eager."""
+    _, eager_grads = _saved_bytes_and_grads(None)
+    default_bytes, default_grads = _saved_bytes_and_grads({})
+    lean_bytes, lean_grads = _saved_bytes_and_grads({"chronicals.memory_budget": 0.0})
+    assert lean_bytes < default_bytes, (lean_bytes, default_bytes)
+    for ours, ref in zip(lean_grads + default_grads, eager_grads + eager_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)

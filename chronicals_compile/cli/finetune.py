@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--memory-budget", type=float, default=None, metavar="FRACTION",
+                   help="0..1: share of activations kept for backward; lower recomputes more and "
+                        "saves memory (Inductor's activation_memory_budget; default: torch's)")
     g.add_argument("--no-compile", action="store_true",
                    help="eager baseline: no chronicals backend, no Inductor")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -118,6 +121,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.lora_r is None and args.lora_alpha is not None:
         raise UsageError("--lora-alpha needs --lora-r")
+    if args.memory_budget is not None and not 0.0 <= args.memory_budget <= 1.0:
+        raise UsageError(f"--memory-budget must be from 0 to 1, got {args.memory_budget}")
 
 
 # --------------------------------------------------------------------------- setup
@@ -346,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
     model.train()
     if not args.no_compile:
         options = {} if args.compiler == "inductor" else {"compiler": args.compiler}
+        if args.memory_budget is not None:
+            options["memory_budget"] = args.memory_budget
         chronicals_compile(model, **options)
 
     collator = PackingCollator(pad_token_id=tokenizer.pad_token_id, bucket_multiple=args.max_len,

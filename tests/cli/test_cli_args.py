@@ -37,6 +37,7 @@ def test_help_exits_0(cli):
     (["finetune", "--steps", "3", "--epochs", "1"], "not allowed with argument"),
     (["finetune", "--lora-r", "-1"], "--lora-r must be positive"),
     (["finetune", "--lora-alpha", "8"], "--lora-alpha needs --lora-r"),
+    (["finetune", "--memory-budget", "2"], "--memory-budget must be from 0 to 1"),
     (["finetune", "--dtype", "fp8"], "invalid choice"),
     (["finetune", "--text-field", "body"], "need --dataset"),
     (["verify", "--ops", "nope"], "unknown op(s) nope"),
