@@ -278,13 +278,22 @@ def _replace_outputs(gm: fx.GraphModule, mapping: dict) -> None:
     out.args = fx.node.map_arg(out.args, lambda n: mapping.get(n, n) if n in mapping else n)
 
 
+def _outputs_must_be_tensors() -> bool:
+    """True while Dynamo's DDPOptimizer compiles one bucket's piece of a graph: AOTAutograd then
+    reads the metadata of every forward output (``fakify_first_call``), and a None output, which
+    Dynamo itself never produces, crashes it."""
+    tc = torch._guards.TracingContext.try_get()
+    return tc is not None and (getattr(tc, "fakify_first_call", False)
+                               or getattr(tc, "ddp_optimizer_ctx", None) is not None)
+
+
 def _warn_drop() -> None:
     global _warned_drop
     if not _warned_drop:
         _warned_drop = True
         warnings.warn(
             "chronicals: lm_head + cross-entropy is fused, so the model returns logits=None "
-            "(chronicals.logits='drop', the training default). Pass options "
+            "(an empty tensor under DDP) (chronicals.logits='drop', the training default). Pass options "
             "{'chronicals.logits': 'detach'} (values, no gradient) or 'keep' to get them back.",
             UserWarning, stacklevel=2)
 
@@ -315,9 +324,16 @@ def rewrite(gm: fx.GraphModule, found: Found, ctx) -> fx.Node:
 
     if found.escapes:
         if found.policy == "drop":
-            _replace_outputs(gm, {n: None for n in found.escapes})
+            if _outputs_must_be_tensors():
+                with graph.inserting_before(ce):
+                    empty = _insert(gm, "call_method", "new_empty", (loss, (0,)), ce)
+                _replace_outputs(gm, {n: empty for n in found.escapes})
+                ctx.note("linear_cross_entropy: logits dropped; a piece of a DDP-split graph must "
+                         "return tensors, so the model returns an empty logits tensor")
+            else:
+                _replace_outputs(gm, {n: None for n in found.escapes})
+                ctx.note("linear_cross_entropy: logits dropped from the outputs (chronicals.logits=drop)")
             _warn_drop()
-            ctx.note("linear_cross_entropy: logits dropped from the outputs (chronicals.logits=drop)")
         elif found.policy == "detach":
             last = max(found.escapes, key=lambda n: [found.linear, *found.chain].index(n))
             with graph.inserting_before(ce):
