@@ -99,7 +99,46 @@ def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: fl
     return rows
 
 
+#: (programs per SM, rows per loop step) tried by --sweep-bwd; block_m None = the launcher's choice.
+BWD_CONFIGS = [(p, m) for p in (1, 2, 4, 8, 16) for m in (None, 1, 4)]
+
+
+def sweep_bwd(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: float = 4300.0, *,
+              shapes=None, configs=None, timers=None, compile_fn=None, log=print) -> list[dict]:
+    """The backward alone, eager and Inductor beside our kernel at each launch shape: the figures
+    that pick ``kernels.rms_norm.BWD_PROGRAMS_PER_SM`` (and block_m) per hidden size."""
+    from chronicals_compile.kernels import rms_norm as K
+
+    compile_fn = compile_fn or (lambda f: torch.compile(f, dynamic=False))
+    rows = []
+    for m, n in shapes or SHAPES:
+        torch._dynamo.reset()
+        base = _variants(compile_fn, liger=False)
+        variants = {"eager": base["eager"], "torch.compile": base["torch.compile"]}
+        for per_sm, block_m in configs or BWD_CONFIGS:
+            variants[f"ours p{per_sm} m{block_m or 'auto'}"] = common.Variant(
+                fwd=None, fwd_bwd=None,
+                bwd=lambda s, p=per_sm, b=block_m: K.rms_norm_backward(s["dy"], s["x"], s["w"], EPS,
+                                                                       programs_per_sm=p, block_m=b))
+
+        def make_set(seed, m=m, n=n):
+            g = torch.Generator(device).manual_seed(seed)
+            x = torch.randn(m, n, generator=g, device=device, dtype=dtype)
+            w = 1 + 0.1 * torch.randn(n, generator=g, device=device, dtype=dtype)
+            return {"x": x, "w": w, "dy": torch.randn(m, n, generator=g, device=device, dtype=dtype)}
+
+        rows += common.measure_phases({"op": "rms_norm bwd sweep", "shape": f"{m}x{n}"}, make_set, variants,
+                                      phase_bytes(m, n, dtype), device=device, copy_gbps=copy_gbps,
+                                      timers=timers, log=log, phases=("bwd",))
+    return rows
+
+
 def main() -> None:
+    if "--sweep-bwd" in sys.argv:  # python benchmarks/bench_rms_norm.py --sweep-bwd (GPU)
+        from table import markdown
+
+        print(markdown(sweep_bwd()))
+        return
     common.bench_main(run, SMOKE_SHAPES)
 
 

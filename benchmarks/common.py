@@ -238,7 +238,8 @@ def measure_phases(label: dict, make_set: Callable[[int], dict], variants: dict[
                    phase_bytes: dict[str, float], *, device: str, copy_gbps: float,
                    timers: dict[str, Callable] | None = None, reference: str = "eager",
                    baseline: str = "torch.compile", l2_bytes: int | None = None,
-                   log: Callable[[str], Any] | None = print) -> list[dict]:
+                   log: Callable[[str], Any] | None = print,
+                   phases: Sequence[str] = PHASES) -> list[dict]:
     """Rows ``{**label, phase, variant, MB, <timer> ms, <timer> GB/s, <timer> %copy, ...,
     speedup vs compile, err, sets}`` for every variant and phase of one shape.
 
@@ -265,7 +266,7 @@ def measure_phases(label: dict, make_set: Callable[[int], dict], variants: dict[
     refs: dict[str, list] = {}
     rows = []
     for name, variant in variants.items():
-        for phase in PHASES:
+        for phase in phases:
             nbytes = phase_bytes[phase]
             row = {**label, "phase": phase, "variant": name, "MB": round(nbytes / 1e6, 1)}
             sets = fn = None

@@ -14,6 +14,7 @@
 #   profile=120     profiler breakdown, inductor vs chronicals
 #   micro=330       kernel-only microbenchmarks of rms_norm, swiglu, rope
 #   lce=300         cut cross-entropy sweep (bench_linear_cross_entropy.py --sweep)
+#   rms-sweep=240   RMSNorm backward launch shapes (programs per SM x rows per step) vs eager/Inductor
 # Measured 2026-11-28 on one H200: tests 110 s in parallel; e2e 206 s; profile 100 s; micro 300 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-benchmarks/results}"
@@ -56,6 +57,8 @@ for stage in "${stages[@]}"; do
            | grep -v Warning | grep "^##\|^|" ;;
     lce) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py --sweep 2>&1 \
            | grep -v Warning | tee "$OUT/lce_sweep.md" | tail -40 ;;
+    rms-sweep) timeout "${secs:-240}" python3 benchmarks/bench_rms_norm.py --sweep-bwd 2>&1 \
+           | grep -v Warning | tee "$OUT/rms_norm_bwd_sweep.md" | tail -40 ;;
     *) echo "unknown stage $name" ;;
   esac
 done

@@ -172,3 +172,24 @@ def test_a_failing_timer_keeps_the_other_timers_figure():
     for r in rows:
         assert "cudagraph ms" not in r and r["do_bench ms"] == 0.5 and r["err"] == 0.0
         assert r["error"].startswith("cudagraph: RuntimeError")
+
+
+def test_rms_norm_backward_sweep_rows_are_all_correct():
+    """Every launch shape the GPU sweep tries computes the same gradients (odd rows, width not a
+    power of two; several programs, several loop steps each)."""
+    configs = [(1, None), (2, 1), (8, 4), (16, 1)]
+    rows = bench_rms_norm.sweep_bwd("cpu", torch.float32, COPY_GBPS, shapes=[(37, 40)], configs=configs,
+                                    compile_fn=_aot_eager, timers={"cudagraph": _timer([])}, log=None)
+    names = [r["variant"] for r in rows]
+    assert names == ["eager", "torch.compile", "ours p1 mauto", "ours p2 m1", "ours p8 m4", "ours p16 m1"]
+    for r in rows:
+        assert r["phase"] == "bwd" and "error" not in r, r
+        assert r["err"] < 1e-5, r
+
+
+def test_rms_norm_backward_rejects_a_block_that_is_not_a_power_of_two():
+    from chronicals_compile.kernels.rms_norm import rms_norm_backward
+
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="power of two"):
+        rms_norm_backward(torch.randn(4, 8), x, torch.ones(8), 1e-6, block_m=3)

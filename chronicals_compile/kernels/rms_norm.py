@@ -84,21 +84,36 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     return y.view(x.shape)
 
 
-def _num_programs(device: torch.device) -> int:
+#: Backward programs per SM. Each program walks its rows and keeps one fp32 partial dweight row,
+#: so fewer programs mean fewer partial rows to sum but less latency hiding. 2 was chosen without
+#: a sweep; the H200 measured the backward at 35-61% of copy bandwidth with it
+#: (benchmarks/results/2026-11-28-h200-session2/micro.md): ``bench_rms_norm.py --sweep-bwd``
+#: measures the alternatives.
+BWD_PROGRAMS_PER_SM = 2
+
+
+def _num_programs(device: torch.device, per_sm: int) -> int:
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * per_sm  # the interpreter: a handful, so that tests cross program boundaries
 
 
-def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                      programs_per_sm: int | None = None,
+                      block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``programs_per_sm`` and ``block_m`` (rows per loop step, a power of two) override the
+    launch shape; the defaults are ``BWD_PROGRAMS_PER_SM`` and ``_block_sizes``."""
     n = x.shape[-1]
     x2 = _rows(x)
     dy = _rows(grad_out)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m, block_n, num_warps = _block_sizes(n)
-    programs = max(1, min(_num_programs(x.device), triton.cdiv(m, block_m)))
+    default_m, block_n, num_warps = _block_sizes(n)
+    block_m = block_m or default_m
+    if block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two, got {block_m}")
+    per_sm = programs_per_sm or BWD_PROGRAMS_PER_SM
+    programs = max(1, min(_num_programs(x.device, per_sm), triton.cdiv(m, block_m)))
     rows_per_program = triton.cdiv(max(m, 1), programs)
     partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     _rms_norm_bwd[(programs,)](
