@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import finetune, verify
+    from . import arguments, verify
 
     parser = _Parser(prog=PROG, description="chronicals-compile: fine-tune causal LMs with fused Triton kernels "
                                             "swapped in by a torch.compile backend.")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="{finetune,verify}")
     ft = subs.add_parser("finetune", help="fine-tune a causal LM (default: an embedded model and dataset, no network)",
                          description="Fine-tune a causal LM with the chronicals backend, BFD packing and (with --lora-r) LoRA+.")
-    finetune.add_arguments(ft)
+    arguments.add_arguments(ft)
     ft.set_defaults(func=_run_finetune)
     vf = subs.add_parser("verify", help="check every fused op against float64 references (hypothesis)",
                          description="Property-based equivalence of every fused op against float64 references, as a table.")
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from .data import DataError
-    from .finetune import TrainingError, UsageError
+    from .arguments import TrainingError, UsageError
 
     try:
         return args.func(args)

@@ -177,7 +177,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .finetune import UsageError
+    from .arguments import UsageError
 
     device = args.device_resolved
     if args.examples is not None and args.examples < 1:

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from chronicals_compile.cli import finetune
+from chronicals_compile.cli import checkpoint
 from chronicals_compile.testing.cli_runner import error_lines, write_jsonl
 
 TINY = ["finetune", "--model", "tiny", "--max-len", "64", "--batch-tokens", "512", "--seed", "0"]
@@ -133,10 +133,10 @@ def test_save_atomic_leaves_previous_save_on_failure(tmp_path):
         open(os.path.join(d, "weights"), "w").write("half")
         raise KeyboardInterrupt
 
-    finetune.save_atomic(str(dst), good)
+    checkpoint.save_atomic(str(dst), good)
     with pytest.raises(KeyboardInterrupt):
-        finetune.save_atomic(str(dst), interrupted)
+        checkpoint.save_atomic(str(dst), interrupted)
     assert (dst / "weights").read_text() == "v1"
     assert os.listdir(tmp_path) == ["model"]
-    finetune.save_atomic(str(dst), lambda d: open(os.path.join(d, "weights"), "w").write("v2"))
+    checkpoint.save_atomic(str(dst), lambda d: open(os.path.join(d, "weights"), "w").write("v2"))
     assert (dst / "weights").read_text() == "v2" and os.listdir(tmp_path) == ["model"]
