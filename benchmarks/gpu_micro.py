@@ -18,7 +18,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-OPS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
+OPS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy")
 
 PHASE_LEGEND = """Elementwise ops (rms_norm, swiglu/geglu, rope): one row per shape, phase and variant.
 phase: `fwd` and `bwd` call each implementation directly without autograd (ours: the Triton

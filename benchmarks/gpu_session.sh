@@ -12,7 +12,7 @@
 #   e2e-long=540    Qwen0.5B 16x4096 full FT: eager and inductor (expected to run out of memory), liger, cce-exact, chronicals
 #   e2e-llama=300   Llama-3.2-1B 8x2048 full FT
 #   profile=120     profiler breakdown, inductor vs chronicals
-#   micro=330       kernel-only microbenchmarks of rms_norm, swiglu, rope
+#   micro=400       kernel-only microbenchmarks of rms_norm, add_rms_norm, swiglu, rope
 #   lce=300         cut cross-entropy sweep (bench_linear_cross_entropy.py --sweep)
 #   rms-sweep=240   RMSNorm backward launch shapes (programs per SM x rows per step) vs eager/Inductor
 # Measured 2026-11-28 on one H200: tests 110 s in parallel; e2e 206 s; profile 100 s; micro 300 s.
@@ -53,7 +53,7 @@ for stage in "${stages[@]}"; do
            --variants eager,inductor,liger,chronicals 2>&1 | grep "^e2e:\|^|" ;;
     profile) timeout "${secs:-120}" python3 benchmarks/profile_step.py --commit "$COMMIT" --out "$OUT" --name profile \
            --variants "${PROFILE_VARIANTS:-inductor,chronicals}" 2>&1 | grep -v Warning | tail -30 ;;
-    micro) timeout "${secs:-330}" python3 benchmarks/gpu_micro.py --ops rms_norm swiglu rope --out "$OUT" 2>&1 \
+    micro) timeout "${secs:-400}" python3 benchmarks/gpu_micro.py --ops rms_norm add_rms_norm swiglu rope --out "$OUT" 2>&1 \
            | grep -v Warning | grep "^##\|^|" ;;
     lce) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py --sweep 2>&1 \
            | grep -v Warning | tee "$OUT/lce_sweep.md" | tail -40 ;;

@@ -15,6 +15,7 @@ import torch
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
 
+import bench_add_rms_norm  # noqa: E402
 import bench_rms_norm  # noqa: E402
 import bench_rope  # noqa: E402
 import bench_swiglu  # noqa: E402
@@ -118,6 +119,15 @@ def test_rms_norm_bench_rows():
     rows = bench_rms_norm.run("cpu", torch.float32, COPY_GBPS, shapes=[(6, 40)], compile_fn=_aot_eager,
                               timers={"cudagraph": timer, "do_bench": timer}, liger=False, log=None)
     _check_rows(rows, ["6x40"], {"6x40": bench_rms_norm.phase_bytes(6, 40, torch.float32)})
+    assert len(calls) == 2 * 3 * len(VARIANTS)
+
+
+def test_add_rms_norm_bench_rows():
+    calls = []
+    timer = _timer(calls)
+    rows = bench_add_rms_norm.run("cpu", torch.float32, COPY_GBPS, shapes=[(7, 40)], compile_fn=_aot_eager,
+                                  timers={"cudagraph": timer, "do_bench": timer}, liger=False, log=None)
+    _check_rows(rows, ["7x40"], {"7x40": bench_add_rms_norm.phase_bytes(7, 40, torch.float32)})
     assert len(calls) == 2 * 3 * len(VARIANTS)
 
 

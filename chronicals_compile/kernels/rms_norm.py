@@ -1,4 +1,5 @@
-"""RMSNorm forward and backward in Triton, with the Llama cast order.
+"""RMSNorm forward and backward in Triton, with the Llama cast order; optionally with the residual
+add before it (``add_rms_norm_forward``).
 
 ``out = weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``: the normalised
 value is rounded to ``x.dtype`` before the weight multiplies it, exactly as transformers does,
@@ -16,25 +17,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_fwd(X, W, Y, stride_x, stride_y, M, N, eps,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_fwd(X, R, S, W, Y, stride_x, stride_r, stride_s, stride_y, M, N, eps,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r64 = rows[:, None].to(tl.int64)
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # s = x + residual, rounded to the input dtype as torch's add rounds it
+        res = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s_val = (x + res).to(X.dtype.element_ty)
+        tl.store(S + r64 * stride_s + cols[None, :], s_val, mask=mask)
+        x = s_val.to(tl.float32)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
     normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     y = w[None, :] * normed
-    tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rms_norm_bwd(DY, X, W, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, eps, ROWS_PER_PROGRAM,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_bwd(DY, DS, X, W, DX, DW_PARTIAL, stride_dy, stride_ds, stride_x, stride_dx, M, N, eps,
+                  ROWS_PER_PROGRAM, HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -54,6 +61,8 @@ def _rms_norm_bwd(DY, X, W, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N
         g = dy * w[None, :]
         dot = tl.sum(g * xhat, axis=1) / N
         dx = rstd[:, None] * (g - xhat * dot[:, None])
+        if HAS_DS:  # the gradient reaching x = a + b from its other readers (the residual stream)
+            dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
@@ -79,9 +88,29 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     if m:
         block_m, block_n, num_warps = _block_sizes(n)
         _rms_norm_fwd[(triton.cdiv(m, block_m),)](
-            x2, weight.contiguous(), y, x2.stride(0), y.stride(0), m, n, float(eps),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            x2, x2, x2, weight.contiguous(), y, x2.stride(0), 0, 0, y.stride(0), m, n, float(eps),
+            HAS_RESIDUAL=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return y.view(x.shape)
+
+
+def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, rms_norm(s))`` with ``s = x + residual``: the decoder's residual add and the next
+    norm in one pass (reads x, residual, w; writes s, y), the fusion Inductor also makes."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"x and residual must match: {tuple(x.shape)} {x.dtype} vs "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    n = x.shape[-1]
+    x2, r2 = _rows(x), _rows(residual)
+    m = x2.shape[0]
+    s_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if m:
+        block_m, block_n, num_warps = _block_sizes(n)
+        _rms_norm_fwd[(triton.cdiv(m, block_m),)](
+            x2, r2, s_out, weight.contiguous(), y, x2.stride(0), r2.stride(0), s_out.stride(0), y.stride(0),
+            m, n, float(eps), HAS_RESIDUAL=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return s_out.view(x.shape), y.view(x.shape)
 
 
 #: Backward programs per SM. Each program walks its rows and keeps one fp32 partial dweight row,
@@ -99,9 +128,11 @@ def _num_programs(device: torch.device, per_sm: int) -> int:
 
 
 def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                      programs_per_sm: int | None = None,
+                      grad_x_extra: torch.Tensor | None = None, programs_per_sm: int | None = None,
                       block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``programs_per_sm`` and ``block_m`` (rows per loop step, a power of two) override the
+    """``grad_x_extra``: a gradient that also reaches ``x`` (its other readers), added in fp32
+    before the one rounding (the backward of ``add_rms_norm_forward`` with ``x`` = its ``s``).
+    ``programs_per_sm`` and ``block_m`` (rows per loop step, a power of two) override the
     launch shape; the defaults are ``BWD_PROGRAMS_PER_SM`` and ``_block_sizes``."""
     n = x.shape[-1]
     x2 = _rows(x)
@@ -116,8 +147,9 @@ def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     programs = max(1, min(_num_programs(x.device, per_sm), triton.cdiv(m, block_m)))
     rows_per_program = triton.cdiv(max(m, 1), programs)
     partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    ds = dy if grad_x_extra is None else _rows(grad_x_extra)
     _rms_norm_bwd[(programs,)](
-        dy, x2, weight.contiguous(), dx, partial, dy.stride(0), x2.stride(0), dx.stride(0),
-        m, n, float(eps), rows_per_program,
+        dy, ds, x2, weight.contiguous(), dx, partial, dy.stride(0), ds.stride(0), x2.stride(0), dx.stride(0),
+        m, n, float(eps), rows_per_program, HAS_DS=grad_x_extra is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return dx.view(x.shape), partial.sum(0).to(weight.dtype)

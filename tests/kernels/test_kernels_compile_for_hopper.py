@@ -11,7 +11,7 @@ import sys
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from chronicals_compile.verify import hopper_compile, linear_cross_entropy, rms_norm, rope, swiglu
+from chronicals_compile.verify import add_rms_norm, hopper_compile, linear_cross_entropy, rms_norm, rope, swiglu
 
 
 def _record(module, examples: int) -> list[dict]:
@@ -30,7 +30,7 @@ def _record(module, examples: int) -> list[dict]:
 
 def test_every_recorded_kernel_compiles_for_sm90():
     launches = []
-    for module in (rms_norm, swiglu, rope, linear_cross_entropy):
+    for module in (rms_norm, add_rms_norm, swiglu, rope, linear_cross_entropy):
         launches += _record(module, examples=12)
     # The interpreter computes bf16 tl.dot wrongly, so CPU cases of the cut cross-entropy leave
     # bf16 out; its code generation is checked here all the same.
