@@ -48,7 +48,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 #: ``chronicals``: the backend's defaults; ``chronicals-all``: also the patterns that are off by
-#: default on CUDA until measured faster than Inductor (config.CUDA_OFF_BY_DEFAULT).
+#: default until measured faster than Inductor (config.CUDA_OFF_BY_DEFAULT, config.OFF_BY_DEFAULT).
 VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
             "chronicals-lean")
 MODES = ("full", "lora")
@@ -143,12 +143,12 @@ def worker(spec: dict) -> dict:
             return {**result, "status": f"n/a (cut_cross_entropy not importable: {err.name or err})"}
     elif variant.startswith("chronicals"):
         import chronicals_compile
-        from chronicals_compile.config import CUDA_OFF_BY_DEFAULT
+        from chronicals_compile.config import CUDA_OFF_BY_DEFAULT, OFF_BY_DEFAULT
 
         options = {} if spec.get("chronicals_compiler", "inductor") == "inductor" else {
             "compiler": spec["chronicals_compiler"]}
         if variant == "chronicals-all":
-            options["enable"] = sorted(CUDA_OFF_BY_DEFAULT)
+            options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
         if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)
             options["memory_budget"] = spec["lean_budget"]
         chronicals_compile.compile(model, **options)

@@ -45,7 +45,7 @@ REPO = os.path.dirname(HERE)
 
 VARIANTS = ("eager", "inductor", "chronicals", "chronicals-all")
 DEFAULT_VARIANTS = "inductor,chronicals,chronicals-all"
-ALL_SWAPS = ["rms_norm", "swiglu", "rope"]  # the CUDA-off-by-default patterns (config.CUDA_OFF_BY_DEFAULT)
+ALL_SWAPS = ["rms_norm", "add_rms_norm", "swiglu", "rope"]  # the off-by-default patterns (config.*OFF_BY_DEFAULT)
 #: (category, regex on the lower-cased kernel or op name); order matters: flash attention's
 #: template arguments mention cutlass, Inductor's names mention the aten ops they fuse.
 RULES = [

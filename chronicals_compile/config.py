@@ -12,7 +12,7 @@ from typing import Any, Iterable, Literal
 PREFIX = "chronicals."
 
 #: Pattern names, as reported by ``explain`` and accepted by ``disable``.
-PATTERNS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask")
+PATTERNS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask")
 
 LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 
@@ -26,6 +26,13 @@ CUDA_OFF_BY_DEFAULT = {
               "(benchmarks/results/2026-11-28-h200-session2/micro.md)",
     "rope": "2.8-3.6x Inductor alone, yet the whole step with rms_norm/swiglu/rope on was 1.1% slower "
             "than without them (benchmarks/results/2026-11-28-h200-session2/e2e.md)",
+}
+
+
+#: Patterns off by default on every device until a GPU measurement says they win.
+OFF_BY_DEFAULT = {
+    "add_rms_norm": "Inductor fuses the residual add into its own RMSNorm kernel; ours is not "
+                    "measured against it yet (benchmarks/bench_add_rms_norm.py)",
 }
 
 
@@ -59,6 +66,10 @@ class Options:
             return False
         if pattern in self.enable:
             return True
+        if pattern == "rms_norm" and "add_rms_norm" in self.enable:
+            return True  # add_rms_norm rewrites the RMSNorm pass's ops: it needs them
+        if pattern in OFF_BY_DEFAULT:
+            return False
         return not (device_type == "cuda" and pattern in CUDA_OFF_BY_DEFAULT)
 
 

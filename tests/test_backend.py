@@ -88,6 +88,10 @@ def test_cuda_defaults_follow_the_measurements():
     assert make_options(enable=["rms_norm"]).enabled("rms_norm", "cuda")
     with pytest.raises(ValueError, match="both enabled and disabled"):
         make_options(enable=["rope"], disable=["rope"])
+    # add_rms_norm: off on every device by default; enabling it brings the RMSNorm pass it builds on
+    assert not default.enabled("add_rms_norm", "cpu") and not default.enabled("add_rms_norm", "cuda")
+    fused = make_options(enable=["add_rms_norm"])
+    assert fused.enabled("add_rms_norm", "cuda") and fused.enabled("rms_norm", "cuda")
 
 
 def _pointwise_heavy(x, w1, w2):
