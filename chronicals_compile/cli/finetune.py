@@ -115,12 +115,29 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .distributed import init_world, wrap
+
+    _quiet_libraries()
+    device, dtype = _device_and_dtype(args)
+    on_gpu = device.type == "cuda"
+    world = init_world(on_gpu)
+    if world.distributed and on_gpu:
+        device = torch.device("cuda", world.local_rank)
+    try:
+        return _run(args, source, model_name, t_start, device, dtype, world, wrap)
+    finally:
+        world.close()
+
+
+def _run(args: argparse.Namespace, source: str, model_name: str, t_start: float, device, dtype,
+         world, wrap) -> int:
+    """The run proper, on one rank (``world``: torchrun's process group, or a single process)."""
+    import torch
+
     from .. import compile as chronicals_compile
     from ..runtime import PackedDataset, PackingCollator, create_loraplus_optimizer, enable_packed_attention
     from . import data, metrics, presets
 
-    _quiet_libraries()
-    device, dtype = _device_and_dtype(args)
     on_gpu = device.type == "cuda"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -140,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     n_packs = len(packed)
     rows = max(1, (args.batch_tokens or (4096 if on_gpu else 512)) // args.max_len)
     rows = min(rows, n_packs)
-    steps_per_epoch = max(1, n_packs // rows)
+    steps_per_epoch = max(1, n_packs // (rows * world.size))
     if args.steps is not None:
         total_steps = args.steps
     else:
@@ -207,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         if args.memory_budget is not None:
             options["memory_budget"] = args.memory_budget
         chronicals_compile(model, **options)
+    train_model = wrap(model, world, device)  # DDP under torchrun: compiled in place, then wrapped
 
     collator = PackingCollator(pad_token_id=tokenizer.pad_token_id, bucket_multiple=args.max_len,
                                max_length=args.max_len)
@@ -218,15 +236,22 @@ def run(args: argparse.Namespace) -> int:
         return batch, docs
 
     generator = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(packed, batch_size=rows, shuffle=True, drop_last=True,
-                                         collate_fn=collate, generator=generator)
+    sampler = None
+    if world.distributed:  # each rank its own rows; the same shuffle order on every rank
+        sampler = torch.utils.data.DistributedSampler(packed, num_replicas=world.size, rank=world.rank,
+                                                      shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(packed, batch_size=rows, shuffle=sampler is None, sampler=sampler,
+                                         drop_last=True, collate_fn=collate, generator=generator)
 
     output_dir = args.output_dir
     model_dir = os.path.join(output_dir, "model")
-    clean_stale_temporaries(output_dir)
+    if world.main:
+        clean_stale_temporaries(output_dir)
     setup_s = time.perf_counter() - t_start
 
     def save(step: int, complete: bool) -> None:
+        if not world.main:
+            return
         state = {"step": step, "total_steps": total_steps, "complete": complete, "losses": losses,
                  "model": model_desc, "mode": mode_desc, "lora": bool(args.lora_r), "seed": args.seed}
 
@@ -239,13 +264,14 @@ def run(args: argparse.Namespace) -> int:
         save_atomic(model_dir, write)
 
     # ---- header
-    print(f"chronicals finetune: {model_desc}, {metrics.human_count(n_params)} parameters "
+    say = print if world.main else (lambda *a, **k: None)
+    say(f"chronicals finetune: {model_desc}, {metrics.human_count(n_params)} parameters "
           f"({metrics.human_count(n_trainable)} trainable), {mode_desc}")
-    print(f"  data: {data_desc}: {len(lengths)} examples, {sum(lengths):,} tokens "
+    say(f"  data: {data_desc}: {len(lengths)} examples, {sum(lengths):,} tokens "
           f"({'loss on response tokens' if fields.supervised else 'loss on all tokens'}"
           f"{f', {tok.truncated} truncated to {args.max_len}' if tok.truncated else ''}); "
           f"BFD: {n_packs} rows of <= {args.max_len} tokens, {packed.report().efficiency:.1%} full")
-    print(f"  {total_steps} steps of {rows} x {args.max_len} tokens, lr {lr:g}, {str(dtype).replace('torch.', '')} "
+    say(f"  {total_steps} steps of {rows} x {args.max_len} tokens{f' per rank, {world.size} ranks (DDP)' if world.distributed else ''}, lr {lr:g}, {str(dtype).replace('torch.', '')} "
           f"on {_device_name(device)}, "
           f"{'eager (--no-compile)' if args.no_compile else 'backend chronicals' + ('' if args.compiler == 'inductor' else f' ({args.compiler})')}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
@@ -268,9 +294,13 @@ def run(args: argparse.Namespace) -> int:
     last_saved = None
     interrupted = False
     bar = tqdm(total=total_steps, desc="finetune", unit="step", dynamic_ncols=True, mininterval=0.5,
-               file=sys.stderr)
+               file=sys.stderr, disable=not world.main)
+    epoch = 0
     try:
         while step < total_steps:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            epoch += 1
             for batch, docs in loader:
                 if step >= total_steps:
                     break
@@ -281,12 +311,14 @@ def run(args: argparse.Namespace) -> int:
                     torch._dynamo.maybe_mark_dynamic(batch["cu_seq_lens_k"], 0)
                 ctx = collecting() if step == 0 and not args.no_compile else contextlib.nullcontext()
                 with ctx as collected:
-                    out = model(**batch)
+                    out = train_model(**batch)
                     out.loss.backward()
                 if step == 0:
                     report = collected
                 gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-                loss_v, gnorm_v = float(out.loss.detach()), float(gnorm)  # one sync per step
+                # one sync per step (under DDP: one all-reduce of the loss and the real tokens)
+                loss_sum, tokens_v = world.sum([float(out.loss.detach()), float(sum(docs))], device)
+                loss_v, gnorm_v = loss_sum / world.size, float(gnorm)
                 if not math.isfinite(loss_v):
                     raise TrainingError(f"loss is {loss_v} at step {step + 1}: the run diverged "
                                         f"(try a lower --lr, or --dtype fp32)")
@@ -306,9 +338,9 @@ def run(args: argparse.Namespace) -> int:
                 losses.append(loss_v)
                 grad_norms.append(gnorm_v)
                 step_times.append(dt)
-                step_tokens.append(sum(docs))
+                step_tokens.append(int(tokens_v))
                 contexts.append(metrics.packed_context(docs))
-                bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{sum(docs) / dt:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tokens_v / dt:,.0f}", refresh=False)
                 bar.update(1)
                 if args.save_every and step % args.save_every == 0 and step < total_steps:
                     save(step, complete=False)
@@ -318,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
 
+    if not world.main:  # rank 0 saves and reports; the figures it prints are already global
+        return 130 if interrupted else 0
     os.makedirs(output_dir, exist_ok=True)
     plotted = bool(losses) and metrics.plot_loss(losses, os.path.join(output_dir, "loss.png"),
                                                  title=f"chronicals finetune: {model_desc}")
@@ -331,10 +365,12 @@ def run(args: argparse.Namespace) -> int:
     # ---- summary
     steady = slice(1, None) if len(step_times) > 1 else slice(0, None)
     tokens_per_s = sum(step_tokens[steady]) / max(1e-9, sum(step_times[steady]))
-    padded_per_s = rows * args.max_len * len(step_times[steady]) / max(1e-9, sum(step_times[steady]))
+    padded_per_s = world.size * rows * args.max_len * len(step_times[steady]) / max(1e-9, sum(step_times[steady]))
+    ranks = f" over {world.size} ranks" if world.distributed else ""
     context = sum(c * n for c, n in zip(contexts, step_tokens)) / max(1, sum(step_tokens))
     flops_tok = metrics.model_flops_per_token(model, context)
     peak = metrics.peak_bf16_flops(_device_name(device)) if on_gpu else None
+    peak = peak * world.size if peak else peak  # tokens/s are summed over the ranks
     utilisation = metrics.mfu(flops_tok, tokens_per_s, peak)
     mem, mem_kind = metrics.peak_memory_bytes(device)
     tail = losses[-min(10, len(losses)):]
@@ -347,16 +383,16 @@ def run(args: argparse.Namespace) -> int:
         f"  loss            {losses[0]:.4f} (step 1) -> {final_loss:.4f} (mean of the last {len(tail)} steps)",
         f"  gradient norm   healthy: finite and non-zero at every step "
         f"(min {min(grad_norms):.3g}, max {max(grad_norms):.3g}, last {grad_norms[-1]:.3g})",
-        f"  throughput      {tokens_per_s:,.0f} real tokens/s ({padded_per_s:,.0f} incl. padding), "
+        f"  throughput      {tokens_per_s:,.0f} real tokens/s{ranks} ({padded_per_s:,.0f} incl. padding), "
         f"steps 2..{len(step_times)}" if len(step_times) > 1 else
-        f"  throughput      {tokens_per_s:,.0f} real tokens/s (one step, compile included)",
+        f"  throughput      {tokens_per_s:,.0f} real tokens/s{ranks} (one step, compile included)",
         f"  first step      {step_times[0]:.2f} s" + ("" if args.no_compile else " (includes compilation)"),
         "  MFU             " + (
             f"{utilisation:.1%} = {flops_tok / 1e9:.3g} GFLOP/token x tokens/s / {peak / 1e12:.0f} TFLOP/s peak bf16 "
             "(FLOP/token = 6 x trained + 4 x frozen linear weights + 12 x layers x d_attn x context; see "
             "chronicals_compile/cli/metrics.py)" if utilisation is not None else
             ("n/a on CPU" if not on_gpu else f"n/a (peak FLOP/s of {_device_name(device)} unknown)")),
-        f"  peak memory     {metrics.human_bytes(mem)} ({mem_kind})",
+        f"  peak memory     {metrics.human_bytes(mem)} ({mem_kind}{', rank 0' if world.distributed else ''})",
         f"  time            {total_s:.1f} s total, {setup_s:.1f} s setup, {sum(step_times):.1f} s training",
         f"  saved           {model_dir} ({'adapter' if args.lora_r else 'model'} + tokenizer), "
         + (f"{os.path.join(output_dir, 'loss.png')}, " if plotted else "no loss.png (matplotlib missing), ")
@@ -378,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
         "step_seconds": step_times, "real_tokens_per_step": step_tokens, "real_tokens_per_s": tokens_per_s,
         "padded_tokens_per_s": padded_per_s, "flops_per_token": flops_tok, "attention_context": context,
         "mfu": utilisation, "peak_flops": peak, "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
-        "total_seconds": total_s, "first_step_seconds": step_times[0],
+        "total_seconds": total_s, "first_step_seconds": step_times[0], "world_size": world.size,
         "swaps": report.swaps if report is not None else {},
     }
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
