@@ -84,7 +84,7 @@ def test_profile_step_tiny_cpu(tmp_path):
         assert set(r["categories"]) == set(profile_step.CATEGORIES)
         assert r["kernel_ms"] > 0 and r["busy_ms"] > 0 and r["wall_ms"] > 0
         assert r["categories"]["matmul"]["ms"] > 0 and r["categories"]["attention"]["ms"] > 0
-        assert 0 < len(r["top"]) <= profile_step.TOP
+        assert 0 < len(r["top"]) <= profile_step.TOP_JSON
     assert runs["chronicals"]["categories"]["loss"]["count"] >= 1  # the fused CE op
     md = (tmp_path / "prof.md").read_text()
     assert "| matmul |" in md and "Top 15 kernels: chronicals" in md
