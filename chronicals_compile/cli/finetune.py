@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .distributed import init_world, wrap
+    from .distributed import init_world
 
     _quiet_libraries()
     device, dtype = _device_and_dtype(args)
@@ -124,16 +124,17 @@ def run(args: argparse.Namespace) -> int:
     if world.distributed and on_gpu:
         device = torch.device("cuda", world.local_rank)
     try:
-        return _run(args, source, model_name, t_start, device, dtype, world, wrap)
+        return _run(args, source, model_name, t_start, device, dtype, world)
     finally:
         world.close()
 
 
 def _run(args: argparse.Namespace, source: str, model_name: str, t_start: float, device, dtype,
-         world, wrap) -> int:
+         world) -> int:
     """The run proper, on one rank (``world``: torchrun's process group, or a single process)."""
     import torch
 
+    from .distributed import wrap
     from .. import compile as chronicals_compile
     from ..runtime import PackedDataset, PackingCollator, create_loraplus_optimizer, enable_packed_attention
     from . import data, metrics, presets
