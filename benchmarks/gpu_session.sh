@@ -15,7 +15,7 @@
 #   micro=400       kernel-only microbenchmarks of rms_norm, add_rms_norm, swiglu, rope
 #   lce=300         cut cross-entropy sweep (bench_linear_cross_entropy.py --sweep)
 #   rms-sweep=240   RMSNorm backward launch shapes (programs per SM x rows per step) vs eager/Inductor
-#   multi=300       tests/gpu/multi: finetune under torchrun on two GPUs (device kind nvidia-h200-x2 only)
+#   multi=300       tests/gpu_multi: finetune under torchrun on two GPUs (device kind nvidia-h200-x2 only)
 # Measured 2026-11-28 on one H200: tests 110 s in parallel; e2e 206 s; profile 100 s; micro 300 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-benchmarks/results}"
@@ -60,7 +60,7 @@ for stage in "${stages[@]}"; do
            | grep -v Warning | tee "$OUT/lce_sweep.md" | tail -40 ;;
     rms-sweep) timeout "${secs:-240}" python3 benchmarks/bench_rms_norm.py --sweep-bwd 2>&1 \
            | grep -v Warning | tee "$OUT/rms_norm_bwd_sweep.md" | tail -40 ;;
-    multi) timeout "${secs:-300}" python3 -m pytest tests/gpu/multi -q -p no:cacheprovider -o addopts="" -W ignore 2>&1 \
+    multi) timeout "${secs:-300}" python3 -m pytest tests/gpu_multi -q -p no:cacheprovider -o addopts="" -W ignore 2>&1 \
            | tee "$OUT/gpu_multi_tests.log" | tail -15 ;;
     *) echo "unknown stage $name" ;;
   esac

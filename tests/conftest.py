@@ -7,7 +7,8 @@ from hypothesis import settings
 
 
 def pytest_configure(config):
-    gpu_run = any("gpu" in os.path.normpath(str(a).split("::")[0]).split(os.sep) for a in config.args)
+    gpu_run = any(part in ("gpu", "gpu_multi") for a in config.args
+                  for part in os.path.normpath(str(a).split("::")[0]).split(os.sep))
     if not gpu_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,6 +1,6 @@
 """Two GPUs (device kind nvidia-h200-x2): the main job under torchrun with NCCL, bf16, Inductor and
-our Triton kernels, and compiled DDP against eager DDP on real shapes. Not in tests/gpu's one-GPU
-run: ``python3 -m pytest tests/gpu/multi -o addopts=`` on a machine with two GPUs."""
+our Triton kernels. Apart from tests/gpu (one GPU) so that neither run needs the other machine:
+``python3 -m pytest tests/gpu_multi -o addopts=`` on a machine with two GPUs."""
 from __future__ import annotations
 
 import json
