@@ -388,6 +388,7 @@ def main(argv=None) -> int:
         os.environ["CHRONICALS_COMMIT"] = args.commit
     env = common.environment(device)
     print("e2e: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    write = _writer(args, argv, env, device, dtype, steps, warmup)
     results = []
     for shape in shapes:
         preset, batch, seq = SHAPES[shape]
@@ -409,12 +410,19 @@ def main(argv=None) -> int:
                     print(f"e2e: {shape} {mode} {variant}: {r['status']} ({r.get('wall_s', 0):.0f} s wall)", flush=True)
                     for line in r.get("stderr_tail", [])[-6:]:
                         print(f"      {line}", flush=True)
-    compare_losses(results)
+                compare_losses(results)
+                write(results, final=False)  # a run cut short by a time limit keeps what it measured
+    write(results, final=True)
+    return 0
+
+
+def _writer(args, argv, env: dict, device: str, dtype: str, steps: int, warmup: int):
+    """``write(results, final)``: the markdown table and JSON (every call), the PNGs and the printed
+    table (final call only)."""
+    import common
 
     stem = args.name or common.stamp("e2e", device)
     out = args.out
-    rows = table_rows(results)
-    table = common.markdown_table(rows, COLUMNS)
     formula = ("MFU = real tokens/s x FLOP/token / peak bf16 FLOP/s; FLOP/token = 6 x trained + 4 x frozen "
                "linear weights + 12 x layers x d_attn x seq (PaLM attention term); peak "
                + (f"{args.peak_tflops:g} TFLOP/s (given)" if args.peak_tflops else
@@ -427,31 +435,37 @@ def main(argv=None) -> int:
              f"(relative). Peak memory: " + ("torch.cuda.max_memory_allocated." if device.startswith("cuda") else
                                    "peak RSS of the worker process (CPU)."))
     command = "python benchmarks/e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = common.write_markdown(os.path.join(out, stem + ".md"), "End-to-end training step", env,
-                               [("", f"Command: `{command.strip()}`"), ("", table), ("", formula), ("", notes)])
-    payload = {"environment": env, "command": command, "steps": steps, "warmup": warmup, "formula": formula,
-               "results": results}
-    js = common.write_json(os.path.join(out, stem + ".json"), payload)
-    groups_tp = {}
-    groups_mem = {}
-    for r in results:
-        key = f"{r['shape']} {r['mode']}"
-        ok = r["status"] == "ok"
-        groups_tp.setdefault(key, {})[r["variant"]] = r["tokens_per_s"] if ok else None
-        mem = r.get("peak_memory_bytes") if ok else None
-        groups_mem.setdefault(key, {})[r["variant"]] = mem / 2**30 if mem is not None else None
-    pngs = [common.bar_charts(os.path.join(out, stem + "-throughput.png"), groups_tp, "tokens/s",
-                              f"training throughput ({env['device']})")]
-    if any(v is not None for g in groups_mem.values() for v in g.values()):
-        pngs.append(common.bar_charts(os.path.join(out, stem + "-memory.png"), groups_mem, "peak GiB",
-                                      f"peak memory ({env['device']})"))
-    print()
-    print(table)
-    print()
-    print(formula)
-    print("e2e: wrote " + ", ".join(p for p in [md, js, *pngs] if p)
-          + ("" if all(pngs) else " (no PNG: matplotlib missing)"))
-    return 0
+
+    def write(results: list[dict], final: bool) -> None:
+        table = common.markdown_table(table_rows(results), COLUMNS)
+        md = common.write_markdown(os.path.join(out, stem + ".md"), "End-to-end training step", env,
+                                   [("", f"Command: `{command.strip()}`"), ("", table), ("", formula), ("", notes)])
+        payload = {"environment": env, "command": command, "steps": steps, "warmup": warmup, "formula": formula,
+                   "results": results, "complete": final}
+        js = common.write_json(os.path.join(out, stem + ".json"), payload)
+        if not final:
+            return
+        groups_tp: dict = {}
+        groups_mem: dict = {}
+        for r in results:
+            key = f"{r['shape']} {r['mode']}"
+            ok = r["status"] == "ok"
+            groups_tp.setdefault(key, {})[r["variant"]] = r["tokens_per_s"] if ok else None
+            mem = r.get("peak_memory_bytes") if ok else None
+            groups_mem.setdefault(key, {})[r["variant"]] = mem / 2**30 if mem is not None else None
+        pngs = [common.bar_charts(os.path.join(out, stem + "-throughput.png"), groups_tp, "tokens/s",
+                                  f"training throughput ({env['device']})")]
+        if any(v is not None for g in groups_mem.values() for v in g.values()):
+            pngs.append(common.bar_charts(os.path.join(out, stem + "-memory.png"), groups_mem, "peak GiB",
+                                          f"peak memory ({env['device']})"))
+        print()
+        print(table)
+        print()
+        print(formula)
+        print("e2e: wrote " + ", ".join(p for p in [md, js, *pngs] if p)
+              + ("" if all(pngs) else " (no PNG: matplotlib missing)"))
+
+    return write
 
 
 def common_mem(r: dict) -> str:

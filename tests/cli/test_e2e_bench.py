@@ -17,6 +17,7 @@ def test_e2e_tiny_cpu(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     payload = json.loads((tmp_path / "e2e-test.json").read_text())
     assert {"date", "commit", "device", "torch", "transformers"} <= set(payload["environment"])
+    assert payload["complete"] is True  # rewritten after every variant; complete once all ran
     runs = {(r["mode"], r["variant"]): r for r in payload["results"]}
     assert len(runs) == 8
     for mode in ("full", "lora"):
