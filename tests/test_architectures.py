@@ -23,8 +23,10 @@ EXPECTED = {
     "Granite": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},          # residual and logit multipliers
     "Phi3": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},             # fused qkv and gate_up projections
     "SmolLM3": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},
-    "Glm": {**CORE, "rms_norm": 5, "swiglu": 2},                         # interleaved partial rotary: left alone
-    "Cohere": {**CORE, "swiglu": 2},                                     # LayerNorm, logit scale
+    "Glm": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},              # interleaved pairs, partial rotary
+    "Glm4": {**CORE, "rms_norm": 9, "swiglu": 2, "rope": 2},             # the same, with sandwich norms
+    "Helium": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},           # interleaved pairs
+    "Cohere": {**CORE, "swiglu": 2, "rope": 2},                          # LayerNorm, logit scale, interleaved
     "StableLm": {**CORE, "swiglu": 2, "rope": 2},                        # LayerNorm, partial rotary
     "Starcoder2": {**CORE, "rope": 2},                                   # LayerNorm, GELU MLP
     "Qwen2Moe": {**CORE, "rms_norm": 5, "swiglu": 4, "rope": 2},         # experts + shared expert

@@ -11,7 +11,9 @@ Backward is the transposed rotation (``rotate_half`` is orthogonal, its transpos
     dx[..., :h] = g[..., :h] * cos[..., :h] + g[..., h:] * sin[..., h:]
     dx[..., h:] = g[..., h:] * cos[..., h:] - g[..., :h] * sin[..., :h]
 
-so forward and backward are the same kernel with the two sine terms swapped and negated: ``out1
+GLM's interleaved variant pairs element 2j with 2j + 1 instead of j with j + h (same formulas,
+other addresses: the kernel takes the pair's ``step`` and ``partner`` offset). So forward and
+backward are the same kernel with the two sine terms swapped and negated: ``out1
 = x1*c1 + x2*A``, ``out2 = x2*c2 + x1*B`` with ``(A, B) = (-s1, s2)`` forward and ``(s2, -s1)``
 backward. Nothing is saved but cos and sin. cos/sin are not assumed to repeat across the two
 halves (HF's ``cat((freqs, freqs))`` does, other code need not).
@@ -33,26 +35,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_tile(X, O, b, s, row_ok, heads, H, half,
+def _rotate_tile(X, O, b, s, row_ok, heads, H, half, step, partner,
                  sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, c2, sa, sb, BLOCK_D2: tl.constexpr):
-    """Rotate one [rows, heads, half] tile of X into O (c1, c2, sa, sb: fp32 [rows, 1, half])."""
+    """Rotate one [rows, heads, half] tile of X into O (c1, c2, sa, sb: fp32 [rows, 1, half]).
+    Pair j is elements (j * step, j * step + partner): (j, j + half) or, interleaved, (2j, 2j + 1)."""
     cols = tl.arange(0, BLOCK_D2)
+    first = cols.to(tl.int64) * step
     mask = row_ok[:, None, None] & (heads < H)[None, :, None] & (cols < half)[None, None, :]
     x_off = (b * sxb + s * sxs)[:, None, None] + heads.to(tl.int64)[None, :, None] * sxh \
-        + cols.to(tl.int64)[None, None, :] * sxd
+        + first[None, None, :] * sxd
     o_off = (b * sob + s * sos)[:, None, None] + heads.to(tl.int64)[None, :, None] * soh \
-        + cols.to(tl.int64)[None, None, :] * sod
+        + first[None, None, :] * sod
     x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + x_off + half * sxd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + partner * sxd, mask=mask, other=0.0).to(tl.float32)
     o1 = x1 * c1 + x2 * sa
     o2 = x2 * c2 + x1 * sb
     tl.store(O + o_off, o1.to(O.dtype.element_ty), mask=mask)
-    tl.store(O + o_off + half * sod, o2.to(O.dtype.element_ty), mask=mask)
+    tl.store(O + o_off + partner * sod, o2.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(Q, K, QO, KO, COS, SIN,
-                 R, S, HQ, HK, half, n_q_blocks,
+                 R, S, HQ, HK, half, step, partner, n_q_blocks,
                  sqb, sqh, sqs, sqd, skb, skh, sks, skd,
                  sqob, sqoh, sqos, sqod, skob, skoh, skos, skod,
                  scb, scs, scd, ssb, sss, ssd,
@@ -64,12 +68,12 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN,
     s = rows % S
     cols = tl.arange(0, BLOCK_D2).to(tl.int64)
     cmask = row_ok[:, None, None] & (cols < half)[None, None, :]
-    c_off = (b * scb + s * scs)[:, None, None] + cols[None, None, :] * scd
-    s_off = (b * ssb + s * sss)[:, None, None] + cols[None, None, :] * ssd
+    c_off = (b * scb + s * scs)[:, None, None] + (cols * step)[None, None, :] * scd
+    s_off = (b * ssb + s * sss)[:, None, None] + (cols * step)[None, None, :] * ssd
     c1 = tl.load(COS + c_off, mask=cmask, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + c_off + half * scd, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + c_off + partner * scd, mask=cmask, other=0.0).to(tl.float32)
     s1 = tl.load(SIN + s_off, mask=cmask, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + s_off + half * ssd, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + s_off + partner * ssd, mask=cmask, other=0.0).to(tl.float32)
     if BACKWARD:
         sa = s2
         sb = -s1
@@ -81,11 +85,11 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN,
     # have one type, and the q and k head ranges have different block shapes.
     if hb < n_q_blocks:
         q_heads = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
-        _rotate_tile(Q, QO, b, s, row_ok, q_heads, HQ, half,
+        _rotate_tile(Q, QO, b, s, row_ok, q_heads, HQ, half, step, partner,
                      sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod, c1, c2, sa, sb, BLOCK_D2)
     else:
         k_heads = (hb - n_q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK)
-        _rotate_tile(K, KO, b, s, row_ok, k_heads, HK, half,
+        _rotate_tile(K, KO, b, s, row_ok, k_heads, HK, half, step, partner,
                      skb, skh, sks, skd, skob, skoh, skos, skod, c1, c2, sa, sb, BLOCK_D2)
 
 
@@ -116,8 +120,9 @@ def _cos_strides(c: torch.Tensor, b: int, s: int, d: int) -> tuple[int, int, int
 
 
 def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                q_out: torch.Tensor, k_out: torch.Tensor, backward: bool) -> None:
-    """Rotate ``q`` into ``q_out`` and ``k`` into ``k_out`` (all ``[B, H, S, D]``, any strides)."""
+                q_out: torch.Tensor, k_out: torch.Tensor, backward: bool, interleaved: bool = False) -> None:
+    """Rotate ``q`` into ``q_out`` and ``k`` into ``k_out`` (all ``[B, H, S, D]``, any strides).
+    ``interleaved``: pairs are (2j, 2j + 1) (GLM's rotate_half) instead of (j, j + D/2)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] \
             or q.shape[3] % 2 or q_out.shape != q.shape or k_out.shape != k.shape:
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, S, D] with the "
@@ -134,7 +139,7 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     grid = (triton.cdiv(rows, block_r), n_q_blocks + n_k_blocks)
     _rope_kernel[grid](
         q, k, q_out, k_out, cos, sin,
-        rows, seq, hq, hk, half, n_q_blocks,
+        rows, seq, hq, hk, half, 2 if interleaved else 1, 1 if interleaved else half, n_q_blocks,
         *_strides4(q), *_strides4(k), *_strides4(q_out), *_strides4(k_out),
         *_cos_strides(cos, bsz, seq, dim), *_cos_strides(sin, bsz, seq, dim),
         BACKWARD=backward, BLOCK_R=block_r, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
@@ -142,18 +147,19 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 
 
 def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 sin: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated ``(q, k)``; each output keeps its input's memory layout, in the promoted dtype."""
     q_out = torch.empty_like(q, dtype=torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype))
     k_out = torch.empty_like(k, dtype=torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype))
-    rope_launch(q, k, cos, sin, q_out, k_out, backward=False)
+    rope_launch(q, k, cos, sin, q_out, k_out, backward=False, interleaved=interleaved)
     return q_out, k_out
 
 
 def rope_backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  q_dtype: torch.dtype, k_dtype: torch.dtype,
+                  interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dq, dk)`` in q's and k's dtypes, laid out like the incoming gradients."""
     dq = torch.empty_like(dq_out, dtype=q_dtype)
     dk = torch.empty_like(dk_out, dtype=k_dtype)
-    rope_launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
+    rope_launch(dq_out, dk_out, cos, sin, dq, dk, backward=True, interleaved=interleaved)
     return dq, dk

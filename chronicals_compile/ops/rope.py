@@ -25,11 +25,18 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype, backward: bool) -> Tensor:
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype, backward: bool,
+            interleaved: bool = False) -> Tensor:
     c = _compute(torch.promote_types(_out_dtype(out_dtype, cos.dtype, sin.dtype), x.dtype))
     xc, cc, sc = x.to(c), cos.to(c), sin.to(c)
     h = x.shape[-1] // 2
-    if backward:  # transpose of rotate_half, applied to g * sin
+    if interleaved:  # GLM: pairs (2j, 2j + 1); rot = stack((-x[1::2], x[0::2]), -1).flatten(-2)
+        if backward:
+            gs = xc * sc
+            value = xc * cc + torch.stack((gs[..., 1::2], -gs[..., 0::2]), dim=-1).flatten(-2)
+        else:
+            value = xc * cc + torch.stack((-xc[..., 1::2], xc[..., 0::2]), dim=-1).flatten(-2) * sc
+    elif backward:  # transpose of rotate_half, applied to g * sin
         gs = xc * sc
         value = xc * cc + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
     else:
@@ -121,3 +128,68 @@ def _backward(ctx, dq_out: Tensor, dk_out: Tensor):
 
 
 rope.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- GLM's interleaved rotation: the same kernel with other pair addresses, as its own ops so that
+# the plain ops' schema stays as it is.
+
+def rope_interleaved_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return (_rotate(q, cos, sin, _out_dtype(q.dtype, cos.dtype, sin.dtype), False, True),
+            _rotate(k, cos, sin, _out_dtype(k.dtype, cos.dtype, sin.dtype), False, True))
+
+
+@torch.library.custom_op("chronicals::rope_interleaved", mutates_args=())
+def rope_interleaved(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return rope_interleaved_reference(q, k, cos, sin)
+
+
+@rope_interleaved.register_kernel("cuda")
+def _rope_interleaved_cuda(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if not _triton_ok(q, k, cos, sin):
+        return rope_interleaved_reference(q, k, cos, sin)
+    from ..kernels.rope import rope_forward
+
+    return rope_forward(q, k, cos, sin, interleaved=True)
+
+
+@rope_interleaved.register_fake
+def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    _check_shapes(q, k, cos, sin)
+    return (torch.empty_like(q, dtype=_out_dtype(q.dtype, cos.dtype, sin.dtype)),
+            torch.empty_like(k, dtype=_out_dtype(k.dtype, cos.dtype, sin.dtype)))
+
+
+@torch.library.custom_op("chronicals::rope_interleaved_backward", mutates_args=())
+def rope_interleaved_backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+                              q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return (_rotate(dq_out, cos, sin, q_dtype, True, True), _rotate(dk_out, cos, sin, k_dtype, True, True))
+
+
+@rope_interleaved_backward.register_kernel("cuda")
+def _rope_interleaved_backward_cuda(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+                                    q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if not _triton_ok(dq_out, dk_out, cos, sin) or torch.float64 in (q_dtype, k_dtype):
+        return (_rotate(dq_out, cos, sin, q_dtype, True, True), _rotate(dk_out, cos, sin, k_dtype, True, True))
+    from ..kernels.rope import rope_backward as launch
+
+    return launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved=True)
+
+
+@rope_interleaved_backward.register_fake
+def _(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+      q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(dq_out, dtype=q_dtype), torch.empty_like(dk_out, dtype=k_dtype)
+
+
+def _interleaved_backward(ctx, dq_out: Tensor, dk_out: Tensor):
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise RuntimeError(
+            "chronicals::rope_interleaved does not differentiate cos/sin; the rope pass should have "
+            "refused this match (cos/sin require grad). Disable it with chronicals.disable=['rope'].")
+    cos, sin = ctx.saved_tensors
+    dq, dk = rope_interleaved_backward(dq_out, dk_out, cos, sin, *ctx.dtypes)
+    return (dq if ctx.needs_input_grad[0] else None,
+            dk if ctx.needs_input_grad[1] else None, None, None)
+
+
+rope_interleaved.register_autograd(_interleaved_backward, setup_context=_setup_context)

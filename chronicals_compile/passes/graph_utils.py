@@ -36,6 +36,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.rsqrt: "rsqrt", torch.sqrt: "sqrt",
     torch.mean: "mean", torch.sum: "sum",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
+    torch.stack: "stack", torch.flatten: "flatten",
     torch.tanh: "tanh", torch.sigmoid: "sigmoid",
     torch.nn.functional.silu: "silu", torch.nn.functional.gelu: "gelu",
     torch.nn.functional.linear: "linear", torch._C._nn.linear: "linear",
@@ -50,6 +51,7 @@ _METHODS = {
     "sigmoid": "sigmoid", "to": "to", "float": "float", "type": "type", "type_as": "type_as",
     "view": "view", "reshape": "reshape", "unsqueeze": "unsqueeze", "contiguous": "contiguous",
     "chunk": "chunk", "split": "split", "transpose": "transpose", "expand": "expand",
+    "flatten": "flatten",
 }
 
 

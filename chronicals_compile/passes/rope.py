@@ -11,6 +11,9 @@ for ``x = q`` and ``x = k`` with the very same ``cos`` and ``sin`` nodes. Anchor
 ``cat`` of a negated slice (rare), walked outward to ``out``; then the partner is found among
 the other users of ``sin``. One swap per (q, k) pair: the op rotates both in one launch.
 
+GLM's interleaved ``rotate_half`` (``stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2)``, pairs
+(2j, 2j + 1)) is matched the same way and becomes ``chronicals::rope_interleaved``.
+
 Partial rotary (``q_rot = q[..., :rotary_dim]`` rotated, ``q_pass`` concatenated back) is handled
 exactly: ``x`` is then the slice, a strided view the kernel reads in place; the outer ``cat``
 stays in the graph.
@@ -50,6 +53,7 @@ class Side:
     out: fx.Node
     mul_s: fx.Node
     interior: list[fx.Node]
+    interleaved: bool = False
 
 
 def _tensors(cat: fx.Node):
@@ -58,7 +62,12 @@ def _tensors(cat: fx.Node):
 
 
 def is_anchor(node: fx.Node) -> bool:
-    if op(node) != "cat":
+    """``cat((-x2, x1))`` (rotate_half) or ``stack((-x2, x1), -1).flatten(-2)`` (GLM's)."""
+    if op(node) == "flatten":
+        node = arg(node, 0, "input")
+        if op(node) != "stack":
+            return False
+    elif op(node) != "cat":
         return False
     tensors = _tensors(node)
     return bool(tensors) and len(tensors) == 2 and op(tensors[0]) == "neg"
@@ -90,6 +99,61 @@ def _last_dim_slice(node: fx.Node, ndim: int) -> tuple[fx.Node, object, object]:
     if not isinstance(last, slice) or last.step not in (None, 1):
         raise NoMatch("rotate_half slices are not contiguous slices of the last dim")
     return base, last.start, last.stop
+
+
+def _pairs(x1: fx.Node, x2: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Interleaved halves ``x[..., 0::2]`` and ``x[..., 1::2]`` of one tensor."""
+    found = []
+    for node in (x1, x2):
+        if op(node) != "getitem":
+            raise NoMatch("interleaved rotate_half halves are not slices")
+        base, index = node.args[0], node.args[1]
+        xm = meta(base)
+        if not isinstance(xm, torch.Tensor):
+            raise NoMatch("no tensor metadata")
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) == 2 and index[0] is Ellipsis:
+            last = index[1]
+        elif len(index) == xm.dim() and all(_is_full(s) for s in index[:-1]):
+            last = index[-1]
+        else:
+            raise NoMatch("interleaved halves are not slices of the last dim")
+        if not isinstance(last, slice) or last.step != 2 or last.stop is not None:
+            raise NoMatch("interleaved halves are not x[..., 0::2] and x[..., 1::2]")
+        found.append((base, last.start or 0))
+    (base1, start1), (base2, start2) = found
+    if base1 is not base2 or start1 != 0 or start2 != 1:
+        raise NoMatch("interleaved halves are not x[..., 0::2] and x[..., 1::2] of one tensor")
+    return base1, [x1, x2]
+
+
+def _rotation(anchor: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node], bool]:
+    """``(x, neg, nodes, interleaved)`` of a rotate_half anchor (see ``is_anchor``)."""
+    if op(anchor) == "flatten":
+        stack = arg(anchor, 0, "input")
+        start, end = arg(anchor, 1, "start_dim", 0), arg(anchor, 2, "end_dim", -1)
+        tensors = _tensors(stack)
+        if not tensors or len(tensors) != 2 or op(tensors[0]) != "neg":
+            raise NoMatch("stack is not rotate_half's")
+        neg, x1 = tensors
+        x, split = _pairs(x1, arg(neg, 0, "input"))
+        ndim = meta(x).dim()
+        if arg(stack, 1, "dim", 0) not in (-1, ndim) or start not in (-2, ndim - 1) or end not in (-1, ndim):
+            raise NoMatch("interleaved rotate_half does not stack and flatten the last dim")
+        if len(stack.users) != 1:
+            raise NoMatch("the stacked pairs are used elsewhere")
+        return x, neg, [*split, stack, anchor], True
+    tensors = _tensors(anchor)
+    if not tensors or len(tensors) != 2 or op(tensors[0]) != "neg":
+        raise NoMatch("cat is not rotate_half's")
+    neg, x1 = tensors
+    x, split = _halves(x1, arg(neg, 0, "input"))
+    xm = meta(x)
+    if not isinstance(xm, torch.Tensor):
+        raise NoMatch("no tensor metadata")
+    if arg(anchor, 1, "dim", 0) not in (-1, xm.dim() - 1):
+        raise NoMatch("rotate_half cat is not on the last dim")
+    return x, neg, [*split, anchor], False
 
 
 def _halves(x1: fx.Node, x2: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
@@ -124,18 +188,12 @@ def _halves(x1: fx.Node, x2: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
 
 
 def match_side(cat: fx.Node) -> Side:
-    """Walk out from the ``cat`` of ``rotate_half`` to ``x * cos + rot * sin``."""
-    tensors = _tensors(cat)
-    if not tensors or len(tensors) != 2 or op(tensors[0]) != "neg":
-        raise NoMatch("cat is not rotate_half's")
-    neg, x1 = tensors
-    x2 = arg(neg, 0, "input")
-    x, split = _halves(x1, x2)
+    """Walk out from the anchor of ``rotate_half`` (its ``cat``, or GLM's ``flatten``) to
+    ``x * cos + rot * sin``."""
+    x, neg, split, interleaved = _rotation(cat)
     xm = meta(x)
     if not isinstance(xm, torch.Tensor):
         raise NoMatch("no tensor metadata")
-    if arg(cat, 1, "dim", 0) not in (-1, xm.dim() - 1):
-        raise NoMatch("rotate_half cat is not on the last dim")
     if xm.dim() != 4:
         raise NoMatch(f"rotated tensor is {xm.dim()}-D, not [B, H, S, D]")
     if xm.shape[-1] % 2:
@@ -156,10 +214,10 @@ def match_side(cat: fx.Node) -> Side:
     for name, t in (("cos", cos), ("sin", sin)):
         if not isinstance(t, fx.Node) or not isinstance(meta(t), torch.Tensor):
             raise NoMatch(f"{name} is not a tensor")
-    interior = [*split, neg, cat, mul_s, mul_c]
+    interior = [*split, neg, mul_s, mul_c]
     if not only_users_in(interior, set(interior) | {out}):
         raise NoMatch("an intermediate value is used outside the rotation")
-    return Side(x, cos, sin, out, mul_s, interior)
+    return Side(x, cos, sin, out, mul_s, interior, interleaved)
 
 
 def _check_side(side: Side) -> None:
@@ -213,7 +271,8 @@ def match(cat: fx.Node, ctx=None):
             _check_side(candidate)
         except NoMatch:
             continue
-        if candidate.cos is side.cos and candidate.sin is side.sin and _compatible(side, candidate):
+        if candidate.cos is side.cos and candidate.sin is side.sin and _compatible(side, candidate) \
+                and candidate.interleaved == side.interleaved:
             partners.append(candidate)
     if not partners:
         raise NoMatch("no partner tensor rotated with the same cos/sin (lone rotation left to Inductor)")
@@ -235,7 +294,8 @@ def rewrite(gm: fx.GraphModule, found, ctx) -> fx.Node:
     while point.op == "placeholder":  # graph inputs stay first
         point = point.next
     with graph.inserting_before(point):
-        fused = graph.call_function(torch.ops.chronicals.rope.default, (q.x, k.x, q.cos, q.sin))
+        target = torch.ops.chronicals.rope_interleaved if q.interleaved else torch.ops.chronicals.rope
+        fused = graph.call_function(target.default, (q.x, k.x, q.cos, q.sin))
         q_new = graph.call_function(operator.getitem, (fused, 0))
         k_new = graph.call_function(operator.getitem, (fused, 1))
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):

@@ -30,18 +30,21 @@ def cases(max_batch: int = 2, max_seq: int = 7, head_dims=HEAD_DIMS) -> st.Searc
         "layout": st.sampled_from(LAYOUTS),
         "cos_batch": st.booleans(),
         "cos_kind": st.sampled_from(["rotary", "random"]),
+        "interleaved": st.booleans(),
         "seed": st.integers(0, 2**31 - 1),
     })
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    if interleaved:  # GLM's: pairs (2j, 2j + 1)
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def torch_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def torch_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False):
     """transformers' ``apply_rotary_pos_emb`` after ``cos.unsqueeze(1)``."""
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return (q * cos + rotate_half(q, interleaved) * sin, k * cos + rotate_half(k, interleaved) * sin)
 
 
 def make_inputs(batch: int, seq: int, kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
@@ -79,18 +82,18 @@ def make_inputs(batch: int, seq: int, kv_heads: int, group: int, head_dim: int, 
 
 def check(batch: int, seq: int, kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
           cos_dtype: str = "same", layout: str = "hf", cos_batch: bool = False, cos_kind: str = "rotary",
-          seed: int = 0, device: str = "cpu") -> list[Measurement]:
+          interleaved: bool = False, seed: int = 0, device: str = "cpu") -> list[Measurement]:
     from ..kernels.rope import rope_backward, rope_forward
 
     q, k, cos, sin, dq_out, dk_out = make_inputs(batch, seq, kv_heads, group, head_dim, dtype, cos_dtype,
                                                  layout, cos_batch, cos_kind, seed, device)
-    q_out, k_out = rope_forward(q, k, cos, sin)
-    dq, dk = rope_backward(dq_out, dk_out, cos, sin, q.dtype, k.dtype)
+    q_out, k_out = rope_forward(q, k, cos, sin, interleaved=interleaved)
+    dq, dk = rope_backward(dq_out, dk_out, cos, sin, q.dtype, k.dtype, interleaved=interleaved)
 
     def reference(qr, kr, cr, sr, gq, gk):
         qr = qr.detach().clone().requires_grad_(True)
         kr = kr.detach().clone().requires_grad_(True)
-        qo, ko = torch_rope(qr, kr, cr, sr)
+        qo, ko = torch_rope(qr, kr, cr, sr, interleaved)
         gq_, gk_ = torch.autograd.grad((qo, ko), (qr, kr), (gq.to(qo.dtype), gk.to(ko.dtype)))
         return qo, ko, gq_, gk_
 

@@ -22,6 +22,14 @@ def test_real_head_dims_with_gqa(head_dim):
                                  cos_dtype=cos_dtype, layout="hf", seed=head_dim))
 
 
+@pytest.mark.parametrize("layout", ["hf", "partial"])
+def test_interleaved_pairs_glm(layout):
+    """GLM's rotate_half pairs (2j, 2j + 1); partial: rotary on the first D of a wider head."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert_all_ok(case.check(batch=2, seq=5, kv_heads=2, group=3, head_dim=64, dtype=dtype, layout=layout,
+                                 cos_kind="random", interleaved=True, seed=5))
+
+
 def test_outputs_keep_the_input_layout():
     """No hidden copies: q as Dynamo records it (a transposed view) comes back in the same layout."""
     from chronicals_compile.kernels.rope import rope_forward
@@ -51,6 +59,7 @@ def test_op_gradcheck_float64():
     q, k, cos, sin, *_ = case.make_inputs(1, 3, 1, 2, 4, torch.float64, cos_kind="random")
     q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: torch.ops.chronicals.rope(a, b, cos, sin), (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.chronicals.rope_interleaved(a, b, cos, sin), (q, k))
 
 
 def test_op_refuses_to_differentiate_cos():
@@ -67,8 +76,9 @@ def test_opcheck():
     import chronicals_compile.ops  # noqa: F401
 
     q, k, cos, sin, *_ = case.make_inputs(2, 3, 2, 2, 8, torch.bfloat16, cos_dtype="float32")
-    torch.library.opcheck(torch.ops.chronicals.rope.default,
-                          (q.detach().requires_grad_(True), k.detach().requires_grad_(True), cos, sin))
+    for fused in (torch.ops.chronicals.rope, torch.ops.chronicals.rope_interleaved):
+        torch.library.opcheck(fused.default,
+                              (q.detach().requires_grad_(True), k.detach().requires_grad_(True), cos, sin))
 
 
 def test_nan_and_inf_propagate_like_torch():
