@@ -29,6 +29,14 @@ def test_other_layouts(layout):
                              layout=layout, cos_kind="random", seed=5, device="cuda"))
 
 
+@pytest.mark.parametrize("layout", ["hf", "partial"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_interleaved_pairs_glm(layout, dtype):
+    """GLM's rotate_half (pairs 2j, 2j + 1), GLM-4's shape: 32 q / 2 kv heads, D=128, half rotary."""
+    assert_all_ok(case.check(batch=2, seq=2048, kv_heads=2, group=16, head_dim=128, dtype=dtype, layout=layout,
+                             cos_kind="random", interleaved=True, seed=9, device="cuda"))
+
+
 def test_op_through_compile_matches_reference():
     import chronicals_compile.ops  # noqa: F401
 
