@@ -35,9 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import FakeCtx, Variant, autograd_grads  # noqa: E402
 
-#: (B, S, Hq, Hk, D): Qwen2.5-0.5B, Llama-3-8B, and a D=256 model (Gemma-7B-like heads).
-SHAPES = [(8, 2048, 14, 2, 64), (8, 2048, 32, 8, 128), (4, 2048, 16, 16, 256)]
-SMOKE_SHAPES = [(2, 8, 4, 2, 16)]
+#: (B, S, Hq, Hk, D[, interleaved]): Qwen2.5-0.5B, Llama-3-8B, a D=256 model (Gemma-7B-like heads),
+#: and GLM-4's heads with GLM's interleaved pairs (Liger has no interleaved variant).
+SHAPES = [(8, 2048, 14, 2, 64), (8, 2048, 32, 8, 128), (4, 2048, 16, 16, 256), (8, 2048, 32, 2, 128, True)]
+SMOKE_SHAPES = [(2, 8, 4, 2, 16), (2, 8, 4, 2, 16, True)]
 
 
 def _rotate_half(x):
@@ -49,6 +50,14 @@ def _eager(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def _rotate_pairs(x):  # GLM's rotate_half
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _eager_interleaved(q, k, cos, sin):
+    return q * cos + _rotate_pairs(q) * sin, k * cos + _rotate_pairs(k) * sin
+
+
 def phase_bytes(bsz: int, seq: int, hq: int, hk: int, d: int, dtype: torch.dtype) -> dict[str, int]:
     s = torch.finfo(dtype).bits // 8
     qk, cs = bsz * seq * (hq + hk) * d * s, bsz * seq * d * s
@@ -56,12 +65,16 @@ def phase_bytes(bsz: int, seq: int, hq: int, hk: int, d: int, dtype: torch.dtype
     return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}
 
 
-def _variants(compile_fn, liger: bool = True) -> dict[str, Variant]:
+def _variants(compile_fn, liger: bool = True, interleaved: bool = False) -> dict[str, Variant]:
     from chronicals_compile.kernels.rope import rope_backward, rope_forward
-    from chronicals_compile.ops.rope import rope_backward_reference
+    from chronicals_compile.ops.rope import rope_backward_reference, rope_interleaved_backward_reference
+
+    eager_fn = _eager_interleaved if interleaved else _eager
+    backward_reference = rope_interleaved_backward_reference if interleaved else rope_backward_reference
+    ours_op = torch.ops.chronicals.rope_interleaved if interleaved else torch.ops.chronicals.rope
 
     def ref_bwd(gq, gk, cos, sin):
-        return rope_backward_reference(gq, gk, cos, sin, gq.dtype, gk.dtype)
+        return backward_reference(gq, gk, cos, sin, gq.dtype, gk.dtype)
 
     def impl(fwd, bwd, autograd_fwd, prepare=None):
         return Variant(fwd=lambda s: fwd(*s["qk"](), s["cos"], s["sin"]),
@@ -72,14 +85,15 @@ def _variants(compile_fn, liger: bool = True) -> dict[str, Variant]:
     def grads(s):
         return s["gq"], s["gk"], s["cos"], s["sin"]
 
-    c_fwd, c_bwd, c_joint = compile_fn(_eager), compile_fn(ref_bwd), compile_fn(_eager)
+    c_fwd, c_bwd, c_joint = compile_fn(eager_fn), compile_fn(ref_bwd), compile_fn(eager_fn)
     variants = {
-        "eager": impl(_eager, lambda s: ref_bwd(*grads(s)), _eager),
+        "eager": impl(eager_fn, lambda s: ref_bwd(*grads(s)), eager_fn),
         "torch.compile": impl(c_fwd, lambda s: c_bwd(*grads(s)), c_joint),
-        "chronicals": impl(rope_forward, lambda s: rope_backward(*grads(s), s["gq"].dtype, s["gk"].dtype),
-                           torch.ops.chronicals.rope),
+        "chronicals": impl(lambda q, k, cos, sin: rope_forward(q, k, cos, sin, interleaved=interleaved),
+                           lambda s: rope_backward(*grads(s), s["gq"].dtype, s["gk"].dtype, interleaved=interleaved),
+                           ours_op),
     }
-    if liger:
+    if liger and not interleaved:
         try:
             from liger_kernel.ops.rope import LigerRopeFunction as L
         except Exception:  # noqa: BLE001 - a missing peer is a missing column, not a failure
@@ -100,7 +114,8 @@ def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: fl
 
     compile_fn = compile_fn or (lambda f: torch.compile(f, dynamic=False))
     rows = []
-    for bsz, seq, hq, hk, d in shapes or SHAPES:
+    for bsz, seq, hq, hk, d, *flag in shapes or SHAPES:
+        interleaved = bool(flag and flag[0])
         torch._dynamo.reset()  # fresh compile per shape: no recompile limit, no stale guards
 
         def make_set(seed, bsz=bsz, seq=seq, hq=hq, hk=hk, d=d):
@@ -117,8 +132,8 @@ def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: fl
                     "cos": emb.cos().to(dtype).unsqueeze(1), "sin": emb.sin().to(dtype).unsqueeze(1),
                     "gq": gq, "gk": gk, "leaves": (q_leaf, k_leaf), "grads": (gq, gk)}
 
-        label = {"op": "rope", "shape": f"B{bsz} S{seq} Hq{hq} Hk{hk} D{d}"}
-        rows += common.measure_phases(label, make_set, _variants(compile_fn, liger),
+        label = {"op": "rope", "shape": f"B{bsz} S{seq} Hq{hq} Hk{hk} D{d}" + (" interleaved" if interleaved else "")}
+        rows += common.measure_phases(label, make_set, _variants(compile_fn, liger, interleaved),
                                       phase_bytes(bsz, seq, hq, hk, d, dtype), device=device,
                                       copy_gbps=copy_gbps, timers=timers, log=log)
     return rows

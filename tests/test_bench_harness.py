@@ -153,6 +153,14 @@ def test_rope_bench_rows():
     _check_rows(rows, [label], {label: bench_rope.phase_bytes(*shape, torch.float32)})
 
 
+def test_rope_bench_rows_interleaved():
+    timer = _timer([])
+    rows = bench_rope.run("cpu", torch.float32, COPY_GBPS, shapes=[(2, 4, 4, 2, 16, True)], compile_fn=_aot_eager,
+                          timers={"cudagraph": timer, "do_bench": timer}, liger=False, log=None)
+    label = "B2 S4 Hq4 Hk2 D16 interleaved"
+    _check_rows(rows, [label], {label: bench_rope.phase_bytes(2, 4, 4, 2, 16, torch.float32)})
+
+
 def test_a_failing_variant_is_a_row_not_a_crash():
     def boom(s):
         raise RuntimeError("no kernel")

@@ -138,6 +138,11 @@ def rope_interleaved_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -
             _rotate(k, cos, sin, _out_dtype(k.dtype, cos.dtype, sin.dtype), False, True))
 
 
+def rope_interleaved_backward_reference(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+                                        q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _rotate(dq_out, cos, sin, q_dtype, True, True), _rotate(dk_out, cos, sin, k_dtype, True, True)
+
+
 @torch.library.custom_op("chronicals::rope_interleaved", mutates_args=())
 def rope_interleaved(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return rope_interleaved_reference(q, k, cos, sin)
@@ -162,14 +167,14 @@ def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("chronicals::rope_interleaved_backward", mutates_args=())
 def rope_interleaved_backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
                               q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return (_rotate(dq_out, cos, sin, q_dtype, True, True), _rotate(dk_out, cos, sin, k_dtype, True, True))
+    return rope_interleaved_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
 
 
 @rope_interleaved_backward.register_kernel("cuda")
 def _rope_interleaved_backward_cuda(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
                                     q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if not _triton_ok(dq_out, dk_out, cos, sin) or torch.float64 in (q_dtype, k_dtype):
-        return (_rotate(dq_out, cos, sin, q_dtype, True, True), _rotate(dk_out, cos, sin, k_dtype, True, True))
+        return rope_interleaved_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
     from ..kernels.rope import rope_backward as launch
 
     return launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved=True)
