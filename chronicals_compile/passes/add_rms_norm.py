@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .graph_utils import NoMatch, binary_operands, dtype_of, erase_dead, meta, op, set_fake_value
+from .sizes import same_size
 
 NAME = "add_rms_norm"
 
@@ -38,7 +39,8 @@ def match(node: fx.Node, ctx=None) -> tuple:
     ma, mb, mx = meta(a), meta(b), meta(x)
     if not all(isinstance(t, torch.Tensor) for t in (ma, mb, mx)):
         raise NoMatch("no tensor metadata on the sum")
-    if ma.shape != mb.shape or ma.shape != mx.shape:
+    if not (ma.dim() == mb.dim() == mx.dim()
+            and all(same_size(p, q) and same_size(p, r) for p, q, r in zip(ma.shape, mb.shape, mx.shape))):
         raise NoMatch(f"broadcasting add {tuple(ma.shape)} + {tuple(mb.shape)}")
     if not (dtype_of(a) == dtype_of(b) == dtype_of(x)):
         raise NoMatch(f"mixed dtypes in the sum ({dtype_of(a)}, {dtype_of(b)})")

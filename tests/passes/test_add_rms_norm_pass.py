@@ -22,6 +22,12 @@ def test_every_norm_after_a_residual_add_is_fused(family):
     assert_same_training_step(eager, compiled)
 
 
+def test_dynamic_shapes():
+    report, eager, compiled = compiled_vs_eager(tiny_model("mistral"), random_batch(seq=13), options=ON, dynamic=True)
+    assert report.swaps.get("add_rms_norm") == 4, str(report)
+    assert_same_training_step(eager, compiled)
+
+
 def test_off_by_default_everywhere():
     report = chronicals_compile.explain(tiny_model("llama"), options={"compiler": "aot_eager"}, **random_batch())
     assert "add_rms_norm" not in report.swaps and report.swaps.get("rms_norm") == 5, str(report)
