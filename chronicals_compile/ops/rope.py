@@ -10,6 +10,9 @@ Dynamo records cost no copy on either side.
 Backward is ``chronicals::rope_backward``, the inverse rotation of the incoming gradients; it
 saves only cos and sin. cos/sin are not differentiated: the pass refuses matches where they
 require grad, and the autograd formula raises rather than return a wrong (zero) gradient.
+
+``chronicals::rope_interleaved`` (and its ``_backward``) is the same for GLM's ``rotate_half``,
+which pairs element 2j with 2j + 1 instead of j with j + D/2.
 """
 from __future__ import annotations
 
@@ -46,14 +49,22 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype, backwar
     return out
 
 
-def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return (_rotate(q, cos, sin, _out_dtype(q.dtype, cos.dtype, sin.dtype), False),
-            _rotate(k, cos, sin, _out_dtype(k.dtype, cos.dtype, sin.dtype), False))
+def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+                   interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    return (_rotate(q, cos, sin, _out_dtype(q.dtype, cos.dtype, sin.dtype), False, interleaved),
+            _rotate(k, cos, sin, _out_dtype(k.dtype, cos.dtype, sin.dtype), False, interleaved))
 
 
 def rope_backward_reference(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-                            q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return _rotate(dq_out, cos, sin, q_dtype, True), _rotate(dk_out, cos, sin, k_dtype, True)
+                            q_dtype: torch.dtype, k_dtype: torch.dtype,
+                            interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    return (_rotate(dq_out, cos, sin, q_dtype, True, interleaved),
+            _rotate(dk_out, cos, sin, k_dtype, True, interleaved))
+
+
+def rope_interleaved_backward_reference(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+                                        q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved=True)
 
 
 def _triton_ok(*tensors: Tensor) -> bool:
@@ -67,134 +78,66 @@ def _check_shapes(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
     torch._check(q.shape[3] % 2 == 0, lambda: "chronicals::rope: head dim must be even")
 
 
-@torch.library.custom_op("chronicals::rope", mutates_args=())
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return rope_reference(q, k, cos, sin)
+def _define(name: str, interleaved: bool):
+    """``chronicals::<name>`` and ``chronicals::<name>_backward`` with their kernels, fakes and
+    autograd: the plain rotation (pairs j, j + D/2) and GLM's interleaved one (pairs 2j, 2j + 1)
+    are the same ops but for the pair addresses."""
+
+    @torch.library.custom_op(f"chronicals::{name}", mutates_args=())
+    def forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        return rope_reference(q, k, cos, sin, interleaved)
+
+    @forward.register_kernel("cuda")
+    def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        if not _triton_ok(q, k, cos, sin):
+            return rope_reference(q, k, cos, sin, interleaved)
+        from ..kernels.rope import rope_forward
+
+        return rope_forward(q, k, cos, sin, interleaved=interleaved)
+
+    @forward.register_fake
+    def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        _check_shapes(q, k, cos, sin)
+        return (torch.empty_like(q, dtype=_out_dtype(q.dtype, cos.dtype, sin.dtype)),
+                torch.empty_like(k, dtype=_out_dtype(k.dtype, cos.dtype, sin.dtype)))
+
+    @torch.library.custom_op(f"chronicals::{name}_backward", mutates_args=())
+    def backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+                 q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved)
+
+    @backward.register_kernel("cuda")
+    def _(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+          q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if not _triton_ok(dq_out, dk_out, cos, sin) or torch.float64 in (q_dtype, k_dtype):
+            return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved)
+        from ..kernels.rope import rope_backward as launch
+
+        return launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved=interleaved)
+
+    @backward.register_fake
+    def _(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
+          q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(dq_out, dtype=q_dtype), torch.empty_like(dk_out, dtype=k_dtype)
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, cos, sin = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.dtypes = (q.dtype, k.dtype)
+
+    def grad(ctx, dq_out: Tensor, dk_out: Tensor):
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            raise RuntimeError(
+                f"chronicals::{name} does not differentiate cos/sin; the rope pass should have refused "
+                "this match (cos/sin require grad). Disable it with chronicals.disable=['rope'].")
+        cos, sin = ctx.saved_tensors
+        dq, dk = backward(dq_out, dk_out, cos, sin, *ctx.dtypes)
+        return (dq if ctx.needs_input_grad[0] else None,
+                dk if ctx.needs_input_grad[1] else None, None, None)
+
+    forward.register_autograd(grad, setup_context=setup_context)
+    return forward, backward
 
 
-@rope.register_kernel("cuda")
-def _rope_cuda(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    if not _triton_ok(q, k, cos, sin):
-        return rope_reference(q, k, cos, sin)
-    from ..kernels.rope import rope_forward
-
-    return rope_forward(q, k, cos, sin)
-
-
-@rope.register_fake
-def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    _check_shapes(q, k, cos, sin)
-    return (torch.empty_like(q, dtype=_out_dtype(q.dtype, cos.dtype, sin.dtype)),
-            torch.empty_like(k, dtype=_out_dtype(k.dtype, cos.dtype, sin.dtype)))
-
-
-@torch.library.custom_op("chronicals::rope_backward", mutates_args=())
-def rope_backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-                  q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
-
-
-@rope_backward.register_kernel("cuda")
-def _rope_backward_cuda(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-                        q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    if not _triton_ok(dq_out, dk_out, cos, sin) or torch.float64 in (q_dtype, k_dtype):
-        return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
-    from ..kernels.rope import rope_backward as launch
-
-    return launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
-
-
-@rope_backward.register_fake
-def _(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-      q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(dq_out, dtype=q_dtype), torch.empty_like(dk_out, dtype=k_dtype)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, cos, sin = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.dtypes = (q.dtype, k.dtype)
-
-
-def _backward(ctx, dq_out: Tensor, dk_out: Tensor):
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        raise RuntimeError(
-            "chronicals::rope does not differentiate cos/sin; the rope pass should have refused "
-            "this match (cos/sin require grad). Disable it with chronicals.disable=['rope'].")
-    cos, sin = ctx.saved_tensors
-    dq, dk = rope_backward(dq_out, dk_out, cos, sin, *ctx.dtypes)
-    return (dq if ctx.needs_input_grad[0] else None,
-            dk if ctx.needs_input_grad[1] else None, None, None)
-
-
-rope.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---- GLM's interleaved rotation: the same kernel with other pair addresses, as its own ops so that
-# the plain ops' schema stays as it is.
-
-def rope_interleaved_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return (_rotate(q, cos, sin, _out_dtype(q.dtype, cos.dtype, sin.dtype), False, True),
-            _rotate(k, cos, sin, _out_dtype(k.dtype, cos.dtype, sin.dtype), False, True))
-
-
-def rope_interleaved_backward_reference(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-                                        q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return _rotate(dq_out, cos, sin, q_dtype, True, True), _rotate(dk_out, cos, sin, k_dtype, True, True)
-
-
-@torch.library.custom_op("chronicals::rope_interleaved", mutates_args=())
-def rope_interleaved(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return rope_interleaved_reference(q, k, cos, sin)
-
-
-@rope_interleaved.register_kernel("cuda")
-def _rope_interleaved_cuda(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    if not _triton_ok(q, k, cos, sin):
-        return rope_interleaved_reference(q, k, cos, sin)
-    from ..kernels.rope import rope_forward
-
-    return rope_forward(q, k, cos, sin, interleaved=True)
-
-
-@rope_interleaved.register_fake
-def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    _check_shapes(q, k, cos, sin)
-    return (torch.empty_like(q, dtype=_out_dtype(q.dtype, cos.dtype, sin.dtype)),
-            torch.empty_like(k, dtype=_out_dtype(k.dtype, cos.dtype, sin.dtype)))
-
-
-@torch.library.custom_op("chronicals::rope_interleaved_backward", mutates_args=())
-def rope_interleaved_backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-                              q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return rope_interleaved_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
-
-
-@rope_interleaved_backward.register_kernel("cuda")
-def _rope_interleaved_backward_cuda(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-                                    q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    if not _triton_ok(dq_out, dk_out, cos, sin) or torch.float64 in (q_dtype, k_dtype):
-        return rope_interleaved_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
-    from ..kernels.rope import rope_backward as launch
-
-    return launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved=True)
-
-
-@rope_interleaved_backward.register_fake
-def _(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-      q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(dq_out, dtype=q_dtype), torch.empty_like(dk_out, dtype=k_dtype)
-
-
-def _interleaved_backward(ctx, dq_out: Tensor, dk_out: Tensor):
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        raise RuntimeError(
-            "chronicals::rope_interleaved does not differentiate cos/sin; the rope pass should have "
-            "refused this match (cos/sin require grad). Disable it with chronicals.disable=['rope'].")
-    cos, sin = ctx.saved_tensors
-    dq, dk = rope_interleaved_backward(dq_out, dk_out, cos, sin, *ctx.dtypes)
-    return (dq if ctx.needs_input_grad[0] else None,
-            dk if ctx.needs_input_grad[1] else None, None, None)
-
-
-rope_interleaved.register_autograd(_interleaved_backward, setup_context=_setup_context)
+rope, rope_backward = _define("rope", interleaved=False)
+rope_interleaved, rope_interleaved_backward = _define("rope_interleaved", interleaved=True)
