@@ -8,6 +8,7 @@ accelerate way); DDP marks itself active during its forward, so Dynamo splits th
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -23,6 +24,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _spawn(worker) -> dict:
+    """Run ``worker(rank, port, results)`` on WORLD processes; every rank's results."""
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(worker, args=(_free_port(), results), nprocs=WORLD, start_method="spawn", join=True)
+    assert sorted(results.keys()) == list(range(WORLD))
+    return dict(results)
+
+
+@contextlib.contextmanager
+def _process_group(rank: int, port: int):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _step(model, batch, out=None, kind=None):
@@ -49,16 +71,12 @@ def _model():
 
 
 def _worker(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import chronicals_compile
     from chronicals_compile.testing import random_batch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
+    with _process_group(rank, port):
         batch = random_batch(batch=2, seq=12, vocab=1024, seed=100 + rank)  # each rank its own data
         options = {"chronicals.compiler": "aot_eager"}
         out = {}
@@ -79,17 +97,11 @@ def _worker(rank: int, port: int, results) -> None:
         out["inner_loss"] = _step(DDP(inner, bucket_cap_mb=1), batch, out, "inner")
         out["inner"] = _grads(inner)
         results[rank] = out
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo process groups need a POSIX host")
 def test_ddp_compiled_equals_eager_ddp():
-    port = _free_port()
-    manager = mp.get_context("spawn").Manager()
-    results = manager.dict()
-    mp.start_processes(_worker, args=(port, results), nprocs=WORLD, start_method="spawn", join=True)
-    assert sorted(results.keys()) == list(range(WORLD))
+    results = _spawn(_worker)
     for rank in range(WORLD):
         out = results[rank]
         for kind in ("outer", "inner"):
@@ -113,17 +125,13 @@ def test_ddp_compiled_equals_eager_ddp():
 def _fsdp_worker(rank: int, port: int, results) -> None:
     """FSDP2 (``fully_shard`` per decoder layer and at the root): its hooks break the graph at every
     layer, so our passes see one graph per layer (compiled once, reused) and the root's pieces."""
-    import torch.distributed as dist
     from torch._dynamo.utils import counters
     from torch.distributed.fsdp import fully_shard
 
     import chronicals_compile
     from chronicals_compile.testing import random_batch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
+    with _process_group(rank, port):
         def sharded():
             model = _model()
             for layer in model.model.layers:
@@ -142,15 +150,11 @@ def _fsdp_worker(rank: int, port: int, results) -> None:
         out["swaps"] = dict(counters["chronicals"])
         out["grads"] = {n: p.grad.full_tensor() for n, p in compiled.named_parameters()}
         results[rank] = out
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo process groups need a POSIX host")
 def test_fsdp2_compiled_equals_eager_fsdp2():
-    port = _free_port()
-    results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_fsdp_worker, args=(port, results), nprocs=WORLD, start_method="spawn", join=True)
+    results = _spawn(_fsdp_worker)
     for rank in range(WORLD):
         out = results[rank]
         torch.testing.assert_close(out["loss"], out["eager_loss"], rtol=1e-5, atol=1e-6)
