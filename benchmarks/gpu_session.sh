@@ -19,9 +19,12 @@
 # Measured 2026-11-28 on one H200: tests 110 s in parallel; e2e 206 s; profile 100 s; micro 300 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-benchmarks/results}"
-S=/tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $S .whl/*.whl 2>&1 | grep -v WARN | tail -2
+S=/tmp/site
+if [ -z "${CHRONICALS_SKIP_INSTALL:-}" ]; then  # gpu_lanes.sh installs once for all its lanes
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $S .whl/*.whl 2>&1 | grep -v WARN | tail -2
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "(editable install failed: backend by name unavailable)"
+fi
 export PYTHONPATH=$S:$PWD
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "(editable install failed: backend by name unavailable)"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 COMMIT="${CHRONICALS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
