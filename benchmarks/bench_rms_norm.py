@@ -106,7 +106,7 @@ BWD_CONFIGS = [(p, m) for p in (1, 2, 4, 8, 16) for m in (None, 1, 4)]
 def sweep_bwd(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, copy_gbps: float = 4300.0, *,
               shapes=None, configs=None, timers=None, compile_fn=None, log=print) -> list[dict]:
     """The backward alone, eager and Inductor beside our kernel at each launch shape: the figures
-    that pick ``kernels.rms_norm.BWD_PROGRAMS_PER_SM`` (and block_m) per hidden size."""
+    that pick ``kernels.rms_norm.BWD_LAUNCH`` (programs per SM and rows per step by hidden size)."""
     from chronicals_compile.kernels import rms_norm as K
 
     compile_fn = compile_fn or (lambda f: torch.compile(f, dynamic=False))

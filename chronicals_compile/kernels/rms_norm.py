@@ -113,12 +113,27 @@ def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.
     return s_out.view(x.shape), y.view(x.shape)
 
 
-#: Backward programs per SM. Each program walks its rows and keeps one fp32 partial dweight row,
-#: so fewer programs mean fewer partial rows to sum but less latency hiding. 2 was chosen without
-#: a sweep; the H200 measured the backward at 35-61% of copy bandwidth with it
-#: (benchmarks/results/2026-11-28-h200-session2/micro.md): ``bench_rms_norm.py --sweep-bwd``
-#: measures the alternatives.
-BWD_PROGRAMS_PER_SM = 2
+#: Backward launch shape by hidden size: (programs per SM, rows per loop step). Each program walks
+#: its rows and keeps one fp32 partial dweight row, so fewer programs mean fewer partial rows to sum
+#: but less latency hiding. From the H200 sweep (benchmarks/results/2026-11-28-h200-session3/
+#: rms_norm_bwd_sweep.md, kernel time under CUDA graphs, bf16): the best measured shape per width,
+#: each faster than Inductor's fused backward of the same function (compile -> ours, ms):
+#: 16384x896 0.047 -> 0.045 (8, 1); 8192x2048 0.057 -> 0.042 (2, 4); 8192x4096 0.108 -> 0.085 and
+#: 16384x4096 0.260 -> 0.155 (2, 1); 4096x5120 0.082 -> 0.077 (1, 1). Four rows a step at 5120
+#: spill registers (1.0 ms), hence one row a step past 4096.
+BWD_LAUNCH: tuple[tuple[int, int, int], ...] = (  # (widest hidden size, programs per SM, rows per step)
+    (1024, 8, 1),
+    (2048, 2, 4),
+    (4096, 2, 1),
+    (1 << 62, 1, 1),
+)
+
+
+def _bwd_launch(n: int) -> tuple[int, int]:
+    for widest, per_sm, rows in BWD_LAUNCH:
+        if n <= widest:
+            return per_sm, rows
+    raise AssertionError("unreachable: the last row covers every width")
 
 
 def _num_programs(device: torch.device, per_sm: int) -> int:
@@ -133,17 +148,18 @@ def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     """``grad_x_extra``: a gradient that also reaches ``x`` (its other readers), added in fp32
     before the one rounding (the backward of ``add_rms_norm_forward`` with ``x`` = its ``s``).
     ``programs_per_sm`` and ``block_m`` (rows per loop step, a power of two) override the
-    launch shape; the defaults are ``BWD_PROGRAMS_PER_SM`` and ``_block_sizes``."""
+    launch shape; the defaults come from ``BWD_LAUNCH``."""
     n = x.shape[-1]
     x2 = _rows(x)
     dy = _rows(grad_out)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    default_m, block_n, num_warps = _block_sizes(n)
+    _, block_n, num_warps = _block_sizes(n)
+    default_per_sm, default_m = _bwd_launch(n)
     block_m = block_m or default_m
     if block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
-    per_sm = programs_per_sm or BWD_PROGRAMS_PER_SM
+    per_sm = programs_per_sm or default_per_sm
     programs = max(1, min(_num_programs(x.device, per_sm), triton.cdiv(m, block_m)))
     rows_per_program = triton.cdiv(max(m, 1), programs)
     partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
