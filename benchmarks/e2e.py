@@ -128,8 +128,11 @@ def worker(spec: dict) -> dict:
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
+        # peft keeps bf16/fp16 adapters in fp32 by default (autocast_adapter_dtype), so their GEMMs
+        # run in fp32; "model" keeps them in the model's dtype (what bf16 LoRA stacks measure).
         model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=spec.get("lora_adapter_dtype", "fp32") == "fp32")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], fused=device.startswith("cuda") or None)
@@ -355,6 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Hidden: the chronicals variant's compiler (tests on CPU use aot_eager).
     p.add_argument("--lean-budget", type=float, default=0.5,
                    help="chronicals-lean's memory_budget: share of activations kept for backward (default 0.5)")
+    p.add_argument("--lora-adapter-dtype", default="fp32", choices=("fp32", "model"),
+                   help="LoRA A/B weights: fp32 (peft's default for bf16 models) or the model's dtype")
     p.add_argument("--chronicals-compiler", default="inductor", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -398,6 +403,7 @@ def main(argv=None) -> int:
                         "seq": seq, "device": device, "dtype": dtype, "steps": steps, "warmup": warmup,
                         "seed": args.seed, "lr": args.lr, "gradient_checkpointing": args.gradient_checkpointing,
                         "chronicals_compiler": args.chronicals_compiler, "lean_budget": args.lean_budget,
+                        "lora_adapter_dtype": args.lora_adapter_dtype,
                         "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else None}
                 r = run_variant(spec, args.timeout)
                 r["dtype"] = dtype
@@ -430,7 +436,7 @@ def _writer(args, argv, env: dict, device: str, dtype: str, steps: int, warmup: 
     notes = (f"{steps} timed steps after {warmup} warm-up step(s), median step time; first step s = the first "
              f"warm-up step (compilation included). Random weights and tokens (seed {args.seed}), {dtype}, sdpa "
              f"attention, AdamW(fused=True) lr {args.lr:g}, grad clipping 1.0; LoRA: r={LORA_R}, alpha={2 * LORA_R}, "
-             f"all linear projections. chronicals-lean: memory_budget {args.lean_budget:g}. Each variant in its own process. Loss check: first-step loss within "
+             f"all linear projections, adapter weights {args.lora_adapter_dtype}. chronicals-lean: memory_budget {args.lean_budget:g}. Each variant in its own process. Loss check: first-step loss within "
              f"{FIRST_LOSS_RTOL[dtype]:.0%} and final loss within {FINAL_LOSS_RTOL[dtype]:.0%} of eager's "
              f"(relative). Peak memory: " + ("torch.cuda.max_memory_allocated." if device.startswith("cuda") else
                                    "peak RSS of the worker process (CPU)."))
