@@ -48,9 +48,11 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 #: ``chronicals``: the backend's defaults; ``chronicals-all``: also the patterns that are off by
-#: default until measured faster than Inductor (config.CUDA_OFF_BY_DEFAULT, config.OFF_BY_DEFAULT).
+#: default until measured faster than Inductor (config.CUDA_OFF_BY_DEFAULT, config.OFF_BY_DEFAULT);
+#: ``chronicals-lean``: a memory budget (--lean-budget); ``chronicals-tuned``: Inductor's coordinate
+#: descent tuning of its own Triton kernels, passed through our options.
 VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
-            "chronicals-lean")
+            "chronicals-lean", "chronicals-tuned")
 MODES = ("full", "lora")
 #: name -> (preset, batch, seq)
 SHAPES = {
@@ -154,6 +156,8 @@ def worker(spec: dict) -> dict:
             options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
         if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)
             options["memory_budget"] = spec["lean_budget"]
+        if variant == "chronicals-tuned":
+            options["coordinate_descent_tuning"] = True
         chronicals_compile.compile(model, **options)
 
     # The same batches for every variant: a CPU generator, then moved.
