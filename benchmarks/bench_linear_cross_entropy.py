@@ -249,10 +249,13 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--shapes", nargs="*", default=None, help="N,d,V ...")
     p.add_argument("--budget", type=float, default=None, help="seconds after which variants are skipped")
+    p.add_argument("--chunk-rows", nargs="*", type=int, default=None,
+                   help="with --sweep: only these gradient chunk sizes (memory against speed)")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else None
     if args.sweep:
-        print(markdown(sweep(shape=shapes[0] if shapes else (16384, 896, 151936))))
+        configs = [{"chunk_rows": c} for c in args.chunk_rows] if args.chunk_rows else None
+        print(markdown(sweep(shape=shapes[0] if shapes else (16384, 896, 151936), configs=configs)))
     else:
         print(markdown(run(shapes=shapes, variants=args.variants, rep_ms=800, budget_s=args.budget)))
 
