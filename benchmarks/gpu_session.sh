@@ -21,6 +21,7 @@
 #   lce=300         cut cross-entropy sweep (bench_linear_cross_entropy.py --sweep)
 #   rms-sweep=240   RMSNorm backward launch shapes (programs per SM x rows per step) vs eager/Inductor
 #   multi=300       tests/gpu_multi: finetune under torchrun on two GPUs (device kind nvidia-h200-x2 only)
+#   dist=300        bench_distributed.py: Qwen0.5B 8x2048 single vs DDP vs FSDP2 on two GPUs (nvidia-h200-x2 only)
 # Measured 2026-11-28 on one H200: tests 110 s in parallel; e2e 206 s; profile 100 s; micro 300 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-benchmarks/results}"
@@ -80,6 +81,9 @@ for stage in "${stages[@]}"; do
            | grep -v Warning | tee "$OUT/rms_norm_bwd_sweep.md" | tail -40 ;;
     multi) timeout "${secs:-300}" python3 -m pytest tests/gpu_multi -q -p no:cacheprovider -o addopts="" -W ignore 2>&1 \
            | tee "$OUT/gpu_multi_tests.log" | tail -15 ;;
+    dist) timeout "${secs:-300}" python3 benchmarks/bench_distributed.py --commit "$COMMIT" --out "$OUT" --name dist \
+           --gpus 2 --preset qwen2.5-0.5b --global-batch 8 --seq 2048 --steps 10 --warmup 3 2>&1 \
+           | grep "^bench_distributed:\|^|\|^      " ;;
     *) echo "unknown stage $name" ;;
   esac
 done

@@ -5,6 +5,7 @@ timer. Checks the rows (every variant and phase), the byte formulas, GB/s and %c
 the buffer rotation and that every variant computes what eager does."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -16,6 +17,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 
 import bench_add_rms_norm  # noqa: E402
+import bench_distributed  # noqa: E402
 import bench_rms_norm  # noqa: E402
 import bench_rope  # noqa: E402
 import bench_swiglu  # noqa: E402
@@ -211,3 +213,25 @@ def test_rms_norm_backward_rejects_a_block_that_is_not_a_power_of_two():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="power of two"):
         rms_norm_backward(torch.randn(4, 8), x, torch.ones(8), 1e-6, block_m=3)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo process groups need a POSIX host")
+def test_distributed_bench_ddp_and_fsdp2_losses_equal_one_process(tmp_path):
+    """bench_distributed.py end to end on CPU: three torchrun launches (gloo, aot_eager), the same
+    global batches, so DDP's and FSDP2's all-reduced losses equal the single process's step by step."""
+    argv = ["--device", "cpu", "--preset", "tiny", "--global-batch", "4", "--seq", "32", "--steps", "2",
+            "--warmup", "1", "--gpus", "2", "--engines", "single,ddp,fsdp2", "--compiler", "aot_eager",
+            "--out", str(tmp_path), "--name", "dist"]
+    assert bench_distributed.main(argv) == 0
+    payload = json.loads((tmp_path / "dist.json").read_text())
+    assert payload["complete"] and (tmp_path / "dist.md").exists()
+    by = {r["engine"]: r for r in payload["results"]}
+    assert list(by) == ["single", "ddp", "fsdp2"]
+    assert [by[e]["gpus"] for e in by] == [1, 2, 2]
+    for r in by.values():
+        assert r["status"] == "ok", r
+        assert len(r["losses"]) == len(r["grad_norms"]) == 3
+        assert all(math.isfinite(g) and g > 0 for g in r["grad_norms"]), r["grad_norms"]
+        assert r["tokens_per_s"] > 0 and r["scaling_efficiency"] > 0
+    for engine in ("ddp", "fsdp2"):
+        torch.testing.assert_close(by[engine]["losses"], by["single"]["losses"], rtol=1e-4, atol=0)
