@@ -184,10 +184,12 @@ def run_engine(args: argparse.Namespace, engine: str, scratch: str) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
     base["wall_s"] = time.perf_counter() - t0
-    candidates = [result_file] + [f"{result_file}.rank{r}" for r in range(nproc)]
-    for path in filter(os.path.exists, candidates):
+    found = []  # rank 0's result, else the ranks' errors: an OOM first (the others may be its echo)
+    for path in filter(os.path.exists, [result_file] + [f"{result_file}.rank{r}" for r in range(nproc)]):
         with open(path) as f:
-            result = {**base, **json.load(f)}
+            found.append({**base, **json.load(f)})
+    if found:
+        result = min(found, key=lambda r: (r["status"] != "ok", r["status"] != "OOM"))
         if result["status"] != "ok":
             result["log_tail"] = log.strip().splitlines()[-20:]
         return result
