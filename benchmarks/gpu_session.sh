@@ -82,7 +82,7 @@ for stage in "${stages[@]}"; do
     multi) timeout "${secs:-300}" python3 -m pytest tests/gpu_multi -q -p no:cacheprovider -o addopts="" -W ignore 2>&1 \
            | tee "$OUT/gpu_multi_tests.log" | tail -15 ;;
     dist) timeout "${secs:-300}" python3 benchmarks/bench_distributed.py --commit "$COMMIT" --out "$OUT" --name dist \
-           --gpus 2 --preset qwen2.5-0.5b --global-batch 8 --seq 2048 --steps 10 --warmup 3 2>&1 \
+           --gpus 2 --preset qwen2.5-0.5b --global-batch 8 --seq 2048 --steps 10 --warmup 3 --timeout 115 2>&1 \
            | grep "^bench_distributed:\|^|\|^      " ;;
     *) echo "unknown stage $name" ;;
   esac
