@@ -12,6 +12,7 @@
 #   e2e-long=540    Qwen0.5B 16x4096 full FT: eager and inductor (expected to run out of memory), liger, cce-exact, chronicals
 #   e2e-llama=300   Llama-3.2-1B 8x2048 full FT
 #   e2e-ours=300    Qwen0.5B 8x2048 full FT: inductor beside chronicals, chronicals-all, chronicals-lean, chronicals-tuned
+#   e2e-all-lean=240  the same with every kernel on, and with memory_budget 0.5
 #   e2e-lora-bf16=480  LoRA r=32 with adapter weights in bf16 (peft's default is fp32): eager, inductor, liger, chronicals
 #   lce-peers=300   cut cross-entropy against eager, compile, Liger, Apple CCE at the three issue shapes
 #   lce-chunks=150  cut cross-entropy chunk sizes (memory against speed), both logits modes
@@ -61,9 +62,12 @@ for stage in "${stages[@]}"; do
            --variants eager,inductor,liger,cce-exact,chronicals 2>&1 | grep "^e2e:\|^|" ;;
     e2e-ours) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_ours \
            --variants inductor,chronicals,chronicals-all,chronicals-lean,chronicals-tuned 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-all-lean) timeout "${secs:-240}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_all_lean \
+           --variants chronicals-all,chronicals-lean 2>&1 | grep "^e2e:\|^|" ;;
     e2e-lora-bf16) timeout "${secs:-480}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora_bf16 \
            --lora-adapter-dtype model --variants eager,inductor,liger,chronicals 2>&1 | grep "^e2e:\|^|" ;;
-    lce-peers) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py 2>&1 \
+    lce-peers) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py --budget $(( ${secs:-300} - 30 )) \
+           --shapes 32768,4096,128256 16384,896,151936 8192,2304,256000 2>&1 \
            | grep -v Warning | tee "$OUT/lce.md" | tail -40 ;;
     lce-chunks) timeout "${secs:-150}" python3 benchmarks/bench_linear_cross_entropy.py --sweep --chunk-rows 1024 2048 4096 8192 16384 2>&1 \
            | grep -v Warning | tee "$OUT/lce_chunks.md" | tail -12 ;;
