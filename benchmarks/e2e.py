@@ -229,6 +229,10 @@ def worker(spec: dict) -> dict:
 
 def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
+    if os.environ.get("CHRONICALS_E2E_STACKS_AFTER"):
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["CHRONICALS_E2E_STACKS_AFTER"]), exit=False)
     try:
         import torch
 
@@ -252,7 +256,9 @@ def worker_main(spec_json: str) -> int:
 
 def run_variant(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+           # a worker about to be timed out prints where every thread is (faulthandler), kept below
+           "CHRONICALS_E2E_STACKS_AFTER": str(max(1.0, timeout - 10))}
     base = {k: spec[k] for k in ("shape", "mode", "variant")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -267,8 +273,9 @@ def run_variant(spec: dict, timeout: float) -> dict:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {**base, "status": f"timeout ({timeout:.0f} s)", "wall_s": time.perf_counter() - t0}
+        _, err = proc.communicate()
+        return {**base, "status": f"timeout ({timeout:.0f} s)", "wall_s": time.perf_counter() - t0,
+                "stderr_tail": (err or "").strip().splitlines()[-60:]}
     finally:
         signal.signal(signal.SIGTERM, previous)
     wall = time.perf_counter() - t0
