@@ -88,10 +88,26 @@ def test_cuda_defaults_follow_the_measurements():
     assert make_options(enable=["rms_norm"]).enabled("rms_norm", "cuda")
     with pytest.raises(ValueError, match="both enabled and disabled"):
         make_options(enable=["rope"], disable=["rope"])
-    # add_rms_norm: off on every device by default; enabling it brings the RMSNorm pass it builds on
+    # add_rms_norm: off on every device by default; enabling it brings the RMSNorm pass it builds
+    # on, except on CUDA, where it is never applied (config.CUDA_UNAVAILABLE says why)
     assert not default.enabled("add_rms_norm", "cpu") and not default.enabled("add_rms_norm", "cuda")
     fused = make_options(enable=["add_rms_norm"])
-    assert fused.enabled("add_rms_norm", "cuda") and fused.enabled("rms_norm", "cuda")
+    assert fused.enabled("add_rms_norm", "cpu") and fused.enabled("rms_norm", "cpu")
+    assert not fused.enabled("add_rms_norm", "cuda") and not fused.enabled("rms_norm", "cuda")
+
+
+def test_enabling_a_pattern_unavailable_on_cuda_says_why(monkeypatch):
+    import chronicals_compile.passes as passes
+    from chronicals_compile.config import CUDA_UNAVAILABLE, make_options
+    from chronicals_compile.report import collecting
+
+    monkeypatch.setattr(passes, "_device_type", lambda inputs: "cuda")
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    with collecting() as rep:
+        passes.run_passes(gm, [torch.randn(2)], make_options(enable=["add_rms_norm"]))
+    assert any(n.startswith("add_rms_norm is not applied on CUDA") and CUDA_UNAVAILABLE["add_rms_norm"] in n
+               for n in rep.notes), rep.notes
+    assert not rep.swaps
 
 
 def _pointwise_heavy(x, w1, w2):

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .. import report
-from ..config import CUDA_OFF_BY_DEFAULT, Options
+from ..config import CUDA_OFF_BY_DEFAULT, CUDA_UNAVAILABLE, Options
 from .graph_utils import NoMatch, describe
 
 log = logging.getLogger("chronicals_compile")
@@ -118,7 +118,9 @@ def run_passes(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optio
             if module is None:
                 continue
             if not options.enabled(name, device_type):
-                if name not in options.disable and name in CUDA_OFF_BY_DEFAULT:
+                if name in options.enable and device_type == "cuda" and name in CUDA_UNAVAILABLE:
+                    ctx.note(f"{name} is not applied on CUDA although enabled: {CUDA_UNAVAILABLE[name]}")
+                elif name not in options.disable and name in CUDA_OFF_BY_DEFAULT:
                     ctx.note(f"{name} off by default on CUDA: {CUDA_OFF_BY_DEFAULT[name]}; "
                              f"turn it on with enable=[{name!r}]")
                 continue
