@@ -12,7 +12,6 @@ import datetime
 import importlib
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -46,8 +45,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     ceil = measure()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    header = (f"date {datetime.date.today()}, commit {commit or 'unknown'}, {ceil['gpu']}, torch {torch.__version__}, "
+    from common import git_commit
+
+    commit = git_commit()  # $CHRONICALS_COMMIT first: a device copy's git (if any) is not ours
+    header = (f"date {datetime.date.today()}, commit {commit}, {ceil['gpu']}, torch {torch.__version__}, "
               f"measured copy {ceil['copy_GB/s']} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOP/s']} TFLOP/s")
     print(header, flush=True)
     command = "python benchmarks/gpu_micro.py" + (f" --ops {' '.join(args.ops)}" if args.ops != list(OPS) else "")
