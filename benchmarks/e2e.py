@@ -341,6 +341,26 @@ def table_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def draw_charts(results: list[dict], device: str, out: str, stem: str) -> list[str | None]:
+    """Throughput and peak-memory bars per shape and mode (also from a saved JSON: --charts-from)."""
+    import common
+
+    groups_tp: dict = {}
+    groups_mem: dict = {}
+    for r in results:
+        key = f"{r['shape']} {r['mode']}"
+        ok = r["status"] == "ok"
+        groups_tp.setdefault(key, {})[r["variant"]] = r["tokens_per_s"] if ok else None
+        mem = r.get("peak_memory_bytes") if ok else None
+        groups_mem.setdefault(key, {})[r["variant"]] = mem / 2**30 if mem is not None else None
+    pngs = [common.bar_charts(os.path.join(out, stem + "-throughput.png"), groups_tp, "tokens/s",
+                              f"training throughput ({device})")]
+    if any(v is not None for g in groups_mem.values() for v in g.values()):
+        pngs.append(common.bar_charts(os.path.join(out, stem + "-memory.png"), groups_mem, "peak GiB",
+                                      f"peak memory ({device})"))
+    return pngs
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -371,6 +391,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="chronicals-lean's memory_budget: share of activations kept for backward (default 0.5)")
     p.add_argument("--lora-adapter-dtype", default="fp32", choices=("fp32", "model"),
                    help="LoRA A/B weights: fp32 (peft's default for bf16 models) or the model's dtype")
+    p.add_argument("--charts-from", default=None,
+                   help="redraw the PNG charts of a saved e2e JSON (e.g. a run cut by a time limit) and exit")
     p.add_argument("--chronicals-compiler", default="inductor", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -380,6 +402,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return worker_main(args.worker)
+    if args.charts_from:
+        with open(args.charts_from) as f:
+            saved = json.load(f)
+        out, name = os.path.split(os.path.abspath(args.charts_from))
+        print("e2e: wrote", ", ".join(p for p in draw_charts(saved["results"], saved["environment"]["device"],
+                                                            out, os.path.splitext(name)[0]) if p))
+        return 0
     import torch
 
     import common
@@ -462,19 +491,7 @@ def _writer(args, argv, env: dict, device: str, dtype: str, steps: int, warmup: 
         js = common.write_json(os.path.join(out, stem + ".json"), payload)
         if not final:
             return
-        groups_tp: dict = {}
-        groups_mem: dict = {}
-        for r in results:
-            key = f"{r['shape']} {r['mode']}"
-            ok = r["status"] == "ok"
-            groups_tp.setdefault(key, {})[r["variant"]] = r["tokens_per_s"] if ok else None
-            mem = r.get("peak_memory_bytes") if ok else None
-            groups_mem.setdefault(key, {})[r["variant"]] = mem / 2**30 if mem is not None else None
-        pngs = [common.bar_charts(os.path.join(out, stem + "-throughput.png"), groups_tp, "tokens/s",
-                                  f"training throughput ({env['device']})")]
-        if any(v is not None for g in groups_mem.values() for v in g.values()):
-            pngs.append(common.bar_charts(os.path.join(out, stem + "-memory.png"), groups_mem, "peak GiB",
-                                          f"peak memory ({env['device']})"))
+        pngs = draw_charts(results, env["device"], out, stem)
         print()
         print(table)
         print()

@@ -34,3 +34,9 @@ def test_e2e_tiny_cpu(tmp_path):
     md = (tmp_path / "e2e-test.md").read_text()
     assert "| tiny-2x64 | lora | chronicals | ok |" in md and "MFU = " in md
     assert (tmp_path / "e2e-test-throughput.png").stat().st_size > 1000
+    # a run cut by a time limit leaves its JSON: the charts can be drawn from it afterwards
+    (tmp_path / "e2e-test-throughput.png").unlink()
+    redraw = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "e2e.py"), "--charts-from",
+                             str(tmp_path / "e2e-test.json")], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert redraw.returncode == 0, redraw.stdout + redraw.stderr
+    assert (tmp_path / "e2e-test-throughput.png").stat().st_size > 1000
