@@ -82,13 +82,20 @@ class Tiles:
     row_warps: int = 8
 
 
+#: Rows per gradient chunk, overriding the size from W (a benchmark knob: memory against speed).
+#: On the H200 at (16384, 896, 151936), tile logits: 2048 rows 27.8 ms, 4096 26.4, 8192 26.2
+#: against 28.1 ms by default (benchmarks/results/2026-11-28-h200-session3/lce_chunks.md); the
+#: buffer is rows x V in the input dtype.
+CHUNK_ROWS = int(os.environ.get("CHRONICALS_CCE_CHUNK_ROWS", "0")) or None
+
+
 def default_tiles(dtype: torch.dtype, device: torch.device) -> Tiles:
     if device.type != "cuda":
         return Tiles(block_n=16, block_v=32, block_d=16, group_n=4, num_warps=4, num_stages=1,
-                     row_block=64, row_warps=4)
+                     row_block=64, row_warps=4, chunk_rows=CHUNK_ROWS)
     if dtype == torch.float32:  # IEEE fp32 dot: bigger operands, less shared memory per tile
-        return Tiles(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
-    return Tiles()
+        return Tiles(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3, chunk_rows=CHUNK_ROWS)
+    return Tiles(chunk_rows=CHUNK_ROWS)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
