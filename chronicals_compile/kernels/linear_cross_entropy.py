@@ -77,6 +77,8 @@ class Tiles:
     tiles_per_group: int | None = None
     #: rows per gradient chunk (None: sized so the [chunk, V] buffer is about twice W)
     chunk_rows: int | None = None
+    #: vocabulary rows per slice of the ``vocab`` backward layout (None: from VOCAB_SLICE_BYTES)
+    vocab_cols: int | None = None
     #: vocab block of the row kernel (matmul-logits fused mode)
     row_block: int = 4096
     row_warps: int = 8
@@ -249,13 +251,16 @@ def _accumulate_dw(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
 
 
 def _grad_tiles(h, w, target, lse, row_w, g, *, label_smoothing, softcap, scale, tiles: Tiles,
-                recompute: bool) -> None:
-    """Write G for the rows of ``h`` into ``g`` (which holds their logits unless ``recompute``)."""
+                recompute: bool, vocab: int | None = None) -> None:
+    """Write G for the rows of ``h`` into ``g`` (which holds their logits unless ``recompute``).
+    ``w`` may be a slice of the vocabulary (``target`` then counted from its first row); ``vocab``
+    is the whole vocabulary's size, which label smoothing spreads its weight over."""
     n, d = h.shape
     v = w.shape[0]
+    vocab = vocab or v
     _cce_grad_kernel[(triton.cdiv(n, tiles.block_n) * triton.cdiv(v, tiles.block_v),)](
         h, w, target, lse, row_w, g, n, v, d, h.stride(0), w.stride(0), g.stride(0),
-        float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / v,
+        float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / vocab,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
         GROUP_N=tiles.group_n, EVEN_D=d % tiles.block_d == 0, HAS_SCALE=scale != 1.0,
         SOFTCAP=softcap != 0.0, SMOOTH=label_smoothing != 0.0, RECOMPUTE=recompute,
@@ -289,11 +294,54 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles):
     return dh, dw
 
 
+#: How the recompute backward walks the gradient. ``rows``: chunks of rows against the whole
+#: vocabulary (a [C, V] buffer, a V x d fp32 dW accumulator: about 1 GiB extra at Qwen2.5-0.5B's
+#: (16384, 896, 151936)). ``vocab``: slices of the vocabulary against all rows (a [N, S] buffer,
+#: each dW slice one GEMM over every row, straight into the output, and an N x d fp32 dh
+#: accumulator: about 0.3 GiB there), the same matmul work. A knob until the GPU has measured it.
+BACKWARD_LAYOUT = os.environ.get("CHRONICALS_CCE_BACKWARD", "rows")
+
+#: Bytes of the [N, S] gradient buffer the vocab layout aims for.
+VOCAB_SLICE_BYTES = 1 << 28
+
+
+def _vocab_slice(n: int, v: int, elt: int, tiles: Tiles) -> int:
+    if tiles.vocab_cols is not None:
+        return max(1, min(v, tiles.vocab_cols))
+    cols = VOCAB_SLICE_BYTES // max(1, n * elt) // tiles.block_v * tiles.block_v
+    return max(tiles.block_v, min(v, cols))
+
+
+def _gradients_by_vocab(h, w, target, lse, row_w, *, label_smoothing, softcap, scale, need_dh, need_dw,
+                        tiles: Tiles):
+    n, d = h.shape
+    v = w.shape[0]
+    cols = _vocab_slice(n, v, h.element_size(), tiles)
+    dh32 = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_dh else None
+    dw = torch.empty_like(w) if need_dw else w.new_empty((0,))
+    buf = torch.empty((n, min(cols, v)), dtype=h.dtype, device=h.device)
+    for v0 in range(0, v, cols):
+        v1 = min(v, v0 + cols)
+        ws, g = w[v0:v1], buf[:, : v1 - v0]
+        _grad_tiles(h, ws, target - v0, lse, row_w, g, label_smoothing=label_smoothing, softcap=softcap,
+                    scale=scale, tiles=tiles, recompute=True, vocab=v)
+        if need_dw:  # every row at once: one GEMM, fp32 accumulation inside, one rounding
+            if g.device.type == "cuda" or g.dtype == torch.float32:
+                torch.mm(g.t(), h, out=dw[v0:v1])
+            else:  # CPU half GEMMs: accumulate in fp32 like cuBLAS does
+                dw[v0:v1] = (g.t().float() @ h.float()).to(dw.dtype)
+        if need_dh:
+            _accumulate_dw(dh32, g.t(), ws)  # dh32 += G @ W[v0:v1]
+    dh = (dh32 if h.dtype == torch.float32 else dh32.to(h.dtype)) if need_dh else h.new_empty((0,))
+    return dh, dw
+
+
 def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str = "mean",
              label_smoothing: float = 0.0, softcap: float = 0.0, scale: float = 1.0,
              need_dh: bool = True, need_dw: bool = True,
-             tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dh, dW of ``grad * loss`` recomputing the logit tiles; an unneeded one is a [0] tensor."""
+             tiles: Tiles | None = None, layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dh, dW of ``grad * loss`` recomputing the logit tiles; an unneeded one is a [0] tensor.
+    ``layout``: ``rows`` or ``vocab`` (default ``BACKWARD_LAYOUT``)."""
     _check(h, w, target)
     tiles = tiles or default_tiles(h.dtype, h.device)
     h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
@@ -301,6 +349,9 @@ def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str =
     lse = lse.float().contiguous()
     if not (need_dh or need_dw):
         return h.new_empty((0,)), w.new_empty((0,))
+    if (layout or BACKWARD_LAYOUT) == "vocab" and h.shape[0]:
+        return _gradients_by_vocab(h, w, target, lse, row_w, label_smoothing=label_smoothing, softcap=softcap,
+                                   scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles)
 
     def fill(r0, r1, g):
         _grad_tiles(h[r0:r1], w, target[r0:r1], lse[r0:r1], row_w[r0:r1], g, label_smoothing=label_smoothing,
