@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA rank: train peft LoRA adapters on every linear projection (not lm_head) "
                         "with the LoRA+ optimizer instead of all weights")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    g.add_argument("--lora-dtype", choices=("fp32", "model"), default="fp32",
+                   help="LoRA adapter weights: fp32 (peft's default for bf16/fp16 models: the adapter "
+                        "GEMMs run in fp32) or the model's dtype (on an H200, LoRA r=32 at 8x2048 ran "
+                        "136k tok/s against 89k with fp32 adapters)")
     g.add_argument("--loraplus-ratio", type=float, default=16.0,
                    help="LoRA+: B matrices learn this many times faster than A (default: 16)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")

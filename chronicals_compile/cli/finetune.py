@@ -208,10 +208,12 @@ def _run(args: argparse.Namespace, source: str, model_name: str, t_start: float,
 
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora, autocast_adapter_dtype=args.lora_dtype == "fp32")
         optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, ratio=args.loraplus_ratio,
                                               weight_decay=args.weight_decay, **fused)
-        mode_desc = f"LoRA r={args.lora_r} alpha={lora.lora_alpha:g} on all linear projections, LoRA+ ratio {args.loraplus_ratio:g}"
+        adapter_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)
+        mode_desc = (f"LoRA r={args.lora_r} alpha={lora.lora_alpha:g} on all linear projections "
+                     f"(adapters {str(adapter_dtype).replace('torch.', '')}), LoRA+ ratio {args.loraplus_ratio:g}")
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, **fused)
         mode_desc = "full fine-tuning"

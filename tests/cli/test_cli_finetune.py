@@ -91,6 +91,19 @@ def test_lora_run_saves_an_adapter(cli, tmp_path):
     assert all(g > 0 for g in m["grad_norms"]) and m["trainable_parameters"] < m["parameters"] / 5
 
 
+def test_lora_adapters_in_the_model_dtype(cli, tmp_path):
+    """peft keeps adapters of a bf16 model in fp32 by default; --lora-dtype model keeps them bf16."""
+    from safetensors import safe_open
+
+    code, stdout, err = cli(*TINY, "--steps", "2", "--lora-r", "4", "--dtype", "bf16", "--lora-dtype", "model",
+                            "--compiler", "aot_eager", "--output-dir", tmp_path)
+    assert code == 0, err
+    assert "(adapters bfloat16)" in stdout
+    with safe_open(str(tmp_path / "model" / "adapter_model.safetensors"), framework="pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.bfloat16}, dtypes
+
+
 def test_interrupt_keeps_last_checkpoint(cli, tmp_path, monkeypatch):
     """Ctrl-C at step 5 with --save-every 2: the step-4 save is intact, nothing half-written."""
     real = torch.nn.utils.clip_grad_norm_
