@@ -40,12 +40,14 @@ for path in (HERE, REPO):
 
 from e2e import TINY_VOCAB  # noqa: E402  (vocabulary of the presets that take the tokenizer's)
 
-ENGINES = ("single", "ddp", "fsdp2")
+#: ``single-shard``: one GPU with one rank's share of each global batch (the per-GPU work of the
+#: distributed runs): the reference for weak scaling, where communication alone costs.
+ENGINES = ("single", "single-shard", "ddp", "fsdp2")
 #: Largest |loss - single's loss| / |single's loss| over all steps before the row is flagged.
 LOSS_RTOL = {"bfloat16": 0.02, "float32": 1e-4}
 WORKER_ARGS = ("device", "preset", "global_batch", "seq", "steps", "warmup", "compiler", "seed", "lr")
 COLUMNS = ("engine", "GPUs", "rows per GPU", "status", "tokens/s", "tokens/s per GPU", "scaling efficiency",
-           "step ms", "peak mem GiB", "first loss", "final loss", "max rel loss diff vs single", "grad norm",
+           "vs 1 GPU, same rows", "step ms", "peak mem GiB", "first loss", "final loss", "max rel loss diff vs single", "grad norm",
            "first step s")
 
 
@@ -61,9 +63,10 @@ def train(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> d
     on_gpu = args.device.startswith("cuda")
     device = torch.device(f"cuda:{local_rank}" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    if args.global_batch % world:
-        raise ValueError(f"--global-batch {args.global_batch} does not divide by {world} processes")
-    rows = args.global_batch // world
+    shards = args.gpus if args.engine == "single-shard" else world
+    if args.global_batch % shards:
+        raise ValueError(f"--global-batch {args.global_batch} does not divide by {shards} shards")
+    rows = args.global_batch // shards
     preset = PRESETS[args.preset]
     vocab = preset.vocab or TINY_VOCAB
     model = build_model(preset, vocab, dtype=dtype, device=device, seed=args.seed)
@@ -158,14 +161,15 @@ def worker_main(args: argparse.Namespace) -> int:
 
 def run_engine(args: argparse.Namespace, engine: str, scratch: str) -> dict:
     """One torchrun launch; its result, or a status saying how it failed."""
-    nproc = 1 if engine == "single" else args.gpus
+    nproc = 1 if engine.startswith("single") else args.gpus
+    shards = args.gpus if engine == "single-shard" else nproc
     result_file = os.path.join(scratch, f"{engine}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__), "--worker", f"--engine={engine}", f"--result-file={result_file}"]
     cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKER_ARGS]
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-    base = {"engine": engine, "gpus": nproc, "rows_per_gpu": args.global_batch / nproc}
+    base = {"engine": engine, "gpus": nproc, "rows_per_gpu": args.global_batch / shards}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -200,18 +204,20 @@ def run_engine(args: argparse.Namespace, engine: str, scratch: str) -> dict:
 
 def summarize(results: list[dict], args: argparse.Namespace) -> None:
     """Throughput, scaling and the loss check against ``single``, added to each finished row."""
-    tokens = args.global_batch * args.seq
     ok = [r for r in results if r["status"] == "ok" or "step_ms" in r]
     for r in ok:
         timed = sorted(r["step_times_s"][args.warmup:]) or [math.nan]
         r["step_ms"] = timed[len(timed) // 2] * 1e3
-        r["tokens_per_s"] = tokens / (r["step_ms"] / 1e3)
+        r["tokens_per_s"] = r["rows_per_gpu"] * r["gpus"] * args.seq / (r["step_ms"] / 1e3)
         r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / r["gpus"]
         if any(not math.isfinite(g) or g == 0.0 for g in r["grad_norms"]):
             r["status"] = "bad grad norm"
     single = next((r for r in ok if r["engine"] == "single"), None)
+    shard = next((r for r in ok if r["engine"] == "single-shard"), None)
     for r in ok:
-        if single is None:
+        if shard is not None:
+            r["weak_scaling_efficiency"] = r["tokens_per_s_per_gpu"] / shard["tokens_per_s"]
+        if single is None or r["engine"] == "single-shard":  # other data: no loss to compare
             continue
         r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / single["tokens_per_s"]
         r["max_rel_loss_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], single["losses"]))
@@ -227,6 +233,8 @@ def table_rows(results: list[dict]) -> list[dict]:
             mem = r["peak_memory_bytes"]
             row.update({"tokens/s": r["tokens_per_s"], "tokens/s per GPU": r["tokens_per_s_per_gpu"],
                         "scaling efficiency": f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "n/a",
+                        "vs 1 GPU, same rows": f"{r['weak_scaling_efficiency']:.1%}"
+                        if "weak_scaling_efficiency" in r else "n/a",
                         "step ms": r["step_ms"], "peak mem GiB": f"{mem / 2**30:.2f}" if mem is not None else "n/a",
                         "first loss": f"{r['losses'][0]:.4f}", "final loss": f"{r['losses'][-1]:.4f}",
                         "max rel loss diff vs single": f"{r['max_rel_loss_diff']:.2e}" if "max_rel_loss_diff" in r
@@ -250,11 +258,14 @@ def driver_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         os.environ["CHRONICALS_COMMIT"] = args.commit
     env = common.environment(args.device)
     command = "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    formula = (f"tokens/s = global batch x seq ({args.global_batch} x {args.seq}) / median step time of the "
+    formula = (f"tokens/s = rows per GPU x GPUs x seq (global batch {args.global_batch} x {args.seq}, single-shard: "
+               "one rank's share) / median step time of the "
                f"{args.steps} timed steps (after {args.warmup} warm-up steps; step time = the slowest rank's); "
                "tokens/s per GPU = tokens/s / GPUs; scaling efficiency = tokens/s per GPU / single's tokens/s. "
                "This is strong scaling: single trains the whole global batch on one GPU, the others split it "
-               "(rows per GPU), so each GPU does 1/GPUs of single's work per step. Loss = the mean over ranks of "
+               "(rows per GPU), so each GPU does 1/GPUs of single's work per step. vs 1 GPU, same rows = tokens/s "
+               "per GPU / single-shard's tokens/s (weak scaling: the same rows per GPU, so what is lost is "
+               "communication and synchronisation). Loss = the mean over ranks of "
                "each rank's mean token loss (equal token counts, so the global-batch loss); max rel loss diff = "
                "max over all steps of |loss - single's| / |single's|, flagged above "
                f"{LOSS_RTOL['bfloat16']:g} (bf16) / {LOSS_RTOL['float32']:g} (fp32). Peak mem: "
