@@ -18,6 +18,7 @@
 #   lce-chunks=150  cut cross-entropy chunk sizes (memory against speed), both logits modes
 #   micro-norm=200  kernel-only microbenchmarks of rms_norm and add_rms_norm
 #   profile=120     profiler breakdown, inductor vs chronicals
+#   profile-lora=180  the same for LoRA r=32 with bf16 adapters
 #   micro=400       kernel-only microbenchmarks of rms_norm, add_rms_norm, swiglu, rope
 #   lce=300         cut cross-entropy sweep (bench_linear_cross_entropy.py --sweep)
 #   rms-sweep=240   RMSNorm backward launch shapes (programs per SM x rows per step) vs eager/Inductor
@@ -77,6 +78,8 @@ for stage in "${stages[@]}"; do
            --variants eager,inductor,liger,chronicals 2>&1 | grep "^e2e:\|^|" ;;
     profile) timeout "${secs:-120}" python3 benchmarks/profile_step.py --commit "$COMMIT" --out "$OUT" --name profile \
            --variants "${PROFILE_VARIANTS:-inductor,chronicals}" 2>&1 | grep -v Warning | tail -30 ;;
+    profile-lora) timeout "${secs:-180}" python3 benchmarks/profile_step.py --commit "$COMMIT" --out "$OUT" --name profile_lora \
+           --lora-r 32 --lora-adapter-dtype model --variants "${PROFILE_VARIANTS:-inductor,chronicals}" 2>&1 | grep -v Warning | tail -30 ;;
     micro) timeout "${secs:-400}" python3 benchmarks/gpu_micro.py --ops rms_norm add_rms_norm swiglu rope --out "$OUT" 2>&1 \
            | grep -v Warning | grep "^##\|^|" ;;
     lce) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py --sweep 2>&1 \

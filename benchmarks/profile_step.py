@@ -161,6 +161,12 @@ def worker(spec: dict) -> dict:
     vocab = preset.vocab or spec["tiny_vocab"]
     model = presets.build_model(preset, vocab, dtype=getattr(torch, spec["dtype"]), device=device, seed=0)
     model.config.use_cache = False
+    if spec.get("lora_r"):  # the same adapters as e2e.py's LoRA mode
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora, autocast_adapter_dtype=spec["lora_adapter_dtype"] == "fp32")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=on_gpu or None)
@@ -326,6 +332,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compiler", default=None, choices=("inductor", "aot_eager", "eager"),
                    help="what compiles the compiled variants (default: inductor; aot_eager on CPU)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per variant")
+    p.add_argument("--lora-r", type=int, default=None, help="profile LoRA of this rank on all linear projections")
+    p.add_argument("--lora-adapter-dtype", default="fp32", choices=("fp32", "model"),
+                   help="LoRA A/B weights: fp32 (peft's default for bf16 models) or the model's dtype")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     p.add_argument("--name", default=None, help="file name stem (default profile-<date>-<gpu>)")
     p.add_argument("--commit", default=None, help="commit to record (trees without .git); also $CHRONICALS_COMMIT")
@@ -364,11 +373,12 @@ def main(argv=None) -> int:
             "timed_steps": _default(args.timed_steps, 2 if args.tiny else 5),
             "steps": max(1, _default(args.steps, 2 if args.tiny else 3)),
             "compiler": args.compiler or ("inductor" if device.startswith("cuda") else "aot_eager"),
-            "trace_dir": args.trace_dir}
+            "trace_dir": args.trace_dir, "lora_r": args.lora_r, "lora_adapter_dtype": args.lora_adapter_dtype}
     env = common.environment(device)
     command = "python benchmarks/profile_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     stem = args.name or common.stamp("profile", device)
-    settings = {k: spec[k] for k in ("preset", "batch", "seq", "dtype", "warmup", "timed_steps", "steps", "compiler")}
+    settings = {k: spec[k] for k in ("preset", "batch", "seq", "dtype", "warmup", "timed_steps", "steps", "compiler",
+                                     "lora_r", "lora_adapter_dtype")}
     note = (f"{settings}. AdamW(fused) + clip_grad_norm_ each step, synchronized per step as in e2e.py. "
             "wall = median unprofiled step; busy = union of kernel intervals (CPU: of top-level ops); "
             "gap = wall - busy (profiled gap: against the profiled steps' mean wall). "
