@@ -224,6 +224,14 @@ def forward(h, w, target, ignore_index: int = -100, reduction: str = "mean",
 _ADDMM_MODE: dict[torch.device, str] = {}
 
 
+def _mm_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` with one rounding: cuBLAS accumulates half GEMMs in fp32; the CPU is made to."""
+    if a.device.type == "cuda" or a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a.float() @ b.float())
+
+
 def _accumulate_dw(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
     """``acc += g.T @ h`` with an fp32 accumulator and operands in their own dtype."""
     if g.dtype == torch.float32:
@@ -281,10 +289,7 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles):
             g = buf[: r1 - r0]
             fill(r0, r1, g)
             if need_dh:
-                if g.device.type == "cuda" or g.dtype == torch.float32:
-                    torch.mm(g, w, out=dh[r0:r1])
-                else:  # CPU half GEMMs: accumulate in fp32 like cuBLAS does
-                    dh[r0:r1] = (g.float() @ w.float()).to(dh.dtype)
+                _mm_out(g, w, dh[r0:r1])
             if need_dw:
                 _accumulate_dw(dw32, g, h[r0:r1])
     if not need_dw:
@@ -326,10 +331,7 @@ def _gradients_by_vocab(h, w, target, lse, row_w, *, label_smoothing, softcap, s
         _grad_tiles(h, ws, target - v0, lse, row_w, g, label_smoothing=label_smoothing, softcap=softcap,
                     scale=scale, tiles=tiles, recompute=True, vocab=v)
         if need_dw:  # every row at once: one GEMM, fp32 accumulation inside, one rounding
-            if g.device.type == "cuda" or g.dtype == torch.float32:
-                torch.mm(g.t(), h, out=dw[v0:v1])
-            else:  # CPU half GEMMs: accumulate in fp32 like cuBLAS does
-                dw[v0:v1] = (g.t().float() @ h.float()).to(dw.dtype)
+            _mm_out(g.t(), h, dw[v0:v1])
         if need_dh:
             _accumulate_dw(dh32, g.t(), ws)  # dh32 += G @ W[v0:v1]
     dh = (dh32 if h.dtype == torch.float32 else dh32.to(h.dtype)) if need_dh else h.new_empty((0,))
@@ -396,10 +398,7 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
             _grad_tiles(hc, w, tc, lse, row_w[r0:r1], g, label_smoothing=label_smoothing, softcap=softcap,
                         scale=scale, tiles=tiles, recompute=False)
         else:
-            if g.device.type == "cuda" or g.dtype == torch.float32:
-                torch.mm(hc, w.t(), out=g)
-            else:
-                g.copy_(hc.float() @ w.float().t())
+            _mm_out(hc, w.t(), g)
             stats = torch.empty((3, r1 - r0), dtype=torch.float32, device=h.device)
             block = min(tiles.row_block, triton.next_power_of_2(v))
             _ce_rows_kernel[(r1 - r0,)](

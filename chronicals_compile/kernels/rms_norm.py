@@ -130,10 +130,7 @@ BWD_LAUNCH: tuple[tuple[int, int, int], ...] = (  # (widest hidden size, program
 
 
 def _bwd_launch(n: int) -> tuple[int, int]:
-    for widest, per_sm, rows in BWD_LAUNCH:
-        if n <= widest:
-            return per_sm, rows
-    raise AssertionError("unreachable: the last row covers every width")
+    return next((per_sm, rows) for widest, per_sm, rows in BWD_LAUNCH if n <= widest)
 
 
 def _num_programs(device: torch.device, per_sm: int) -> int:
