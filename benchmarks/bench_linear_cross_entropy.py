@@ -247,6 +247,70 @@ def sweep(device: str = "cuda", shape=(16384, 896, 151936), dtype=torch.bfloat16
     return rows
 
 
+#: Row-kernel launch shapes (vocab block, warps) to time, the current default first.
+ROW_CONFIGS = ((4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32))
+
+
+def sweep_rows(device: str = "cuda", shapes=None, dtype=torch.bfloat16, row_configs=ROW_CONFIGS,
+               chunk_rows=(None, 2048, 4096, 8192)) -> list[dict]:
+    """The fused mode's row kernel alone (statistics, then G in place over a [C, V] logits chunk:
+    two reads and one write, ``GB/s`` counts those bytes), then the whole fused op by chunk rows
+    for each launch shape. Picks the defaults of ``Tiles.row_block``/``row_warps``/``chunk_rows``."""
+    import dataclasses
+
+    import triton
+
+    from chronicals_compile.kernels import linear_cross_entropy as k
+    from chronicals_compile.kernels.cut_cross_entropy_triton import _ce_rows_kernel
+
+    rows = []
+    for n, d, v in shapes or SHAPES[:2]:
+        c = 4096
+        z = torch.randn(c, v, device=device, dtype=dtype)
+        tgt = torch.randint(0, v, (c,), device=device)
+        row_w = torch.full((c,), 1.0 / c, device=device)
+        stats = torch.empty((3, c), device=device)
+        for block, warps in row_configs:
+            def launch():
+                _ce_rows_kernel[(c,)](z, tgt, row_w, stats[0], stats[1], stats[2], v, z.stride(0),
+                                      1.0, 0.0, 1.0, 0.0, BLOCK_V=min(block, triton.next_power_of_2(v)),
+                                      HAS_SCALE=False, SOFTCAP=False, SMOOTH=False, num_warps=warps)
+            try:
+                ms = _bench(launch, 200)
+                rows.append({"shape": f"{n}, {d}, {v}", "what": f"row kernel [{c}, V]", "row_block": block,
+                             "row_warps": warps, "ms": round(ms, 3),
+                             "GB/s": round(3 * z.numel() * z.element_size() / ms / 1e6)})
+            except Exception as err:  # noqa: BLE001
+                rows.append({"shape": f"{n}, {d}, {v}", "row_block": block, "row_warps": warps, "error": repr(err)[:100]})
+            print(rows[-1], flush=True)
+        del z
+        _free()
+        h, w, t = _inputs(n, d, v, device, dtype)
+        h, w = h.detach(), w.detach()
+        base = k.default_tiles(dtype, torch.device(device))
+        for block, warps in row_configs[:4]:
+            for chunk in chunk_rows:
+                tiles = dataclasses.replace(base, row_block=block, row_warps=warps, chunk_rows=chunk)
+                row = {"shape": f"{n}, {d}, {v}", "what": "fused (matmul logits)", "row_block": block,
+                       "row_warps": warps, "chunk_rows": chunk or k._chunk_rows(n, v, d, 2, base)}
+                try:
+                    _free()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    k.fused(h, w, t, tiles=tiles, logits="matmul")
+                    torch.cuda.synchronize()
+                    row["extra MiB"] = round((torch.cuda.max_memory_allocated() - before
+                                              - (h.numel() + w.numel()) * h.element_size()) / 2**20)
+                    row["ms"] = round(_bench(lambda: k.fused(h, w, t, tiles=tiles, logits="matmul"), 300), 2)
+                except Exception as err:  # noqa: BLE001
+                    row["error"] = repr(err)[:100]
+                rows.append(row)
+                print(row, flush=True)
+        del h, w, t
+        _free()
+    return rows
+
+
 def main() -> None:
     import argparse
     import os
@@ -258,6 +322,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true", help="tile configurations of our launchers instead")
+    p.add_argument("--row-sweep", action="store_true",
+                   help="the fused mode's row kernel by launch shape, then the fused op by chunk rows")
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--shapes", nargs="*", default=None, help="N,d,V ...")
     p.add_argument("--budget", type=float, default=None, help="seconds after which variants are skipped")
@@ -265,7 +331,9 @@ def main() -> None:
                    help="with --sweep: only these gradient chunk sizes (memory against speed)")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else None
-    if args.sweep:
+    if args.row_sweep:
+        print(markdown(sweep_rows(shapes=shapes)))
+    elif args.sweep:
         configs = [{"chunk_rows": c} for c in args.chunk_rows] if args.chunk_rows else None
         print(markdown(sweep(shape=shapes[0] if shapes else (16384, 896, 151936), configs=configs)))
     else:

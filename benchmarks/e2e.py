@@ -52,12 +52,16 @@ if REPO not in sys.path:
 #: ``chronicals-lean``: a memory budget (--lean-budget); ``chronicals-tuned``: Inductor's coordinate
 #: descent tuning of its own Triton kernels, passed through our options.
 VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
-            "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem")
+            "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
+            "chronicals-chunk4096", "chronicals-chunk8192")
 #: Environment of a variant's worker process, set before chronicals_compile is imported.
 VARIANT_ENV = {
     # cut cross-entropy with 4096-row gradient chunks and tile logits (kernel sweep: 26.4 vs 28.1 ms,
     # a 1.24 GB chunk buffer instead of 0.54 GB at the Qwen shape)
     "chronicals-bigchunk": {"CHRONICALS_CCE_CHUNK_ROWS": "4096", "CHRONICALS_CCE_LOGITS": "tiles"},
+    # the default (matmul logits) with fewer, larger gradient chunks: memory against speed
+    "chronicals-chunk4096": {"CHRONICALS_CCE_CHUNK_ROWS": "4096"},
+    "chronicals-chunk8192": {"CHRONICALS_CCE_CHUNK_ROWS": "8192"},
     # cut cross-entropy recomputing in backward over vocabulary slices (about 0.3 GiB extra)
     "chronicals-lowmem": {"CHRONICALS_CCE_MODE": "recompute", "CHRONICALS_CCE_BACKWARD": "vocab"},
 }

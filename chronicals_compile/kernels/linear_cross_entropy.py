@@ -79,9 +79,9 @@ class Tiles:
     chunk_rows: int | None = None
     #: vocabulary rows per slice of the ``vocab`` backward layout (None: from VOCAB_SLICE_BYTES)
     vocab_cols: int | None = None
-    #: vocab block of the row kernel (matmul-logits fused mode)
-    row_block: int = 4096
-    row_warps: int = 8
+    #: vocab block and warps of the row kernel (matmul-logits fused mode)
+    row_block: int = int(os.environ.get("CHRONICALS_CCE_ROW_BLOCK", "8192"))
+    row_warps: int = int(os.environ.get("CHRONICALS_CCE_ROW_WARPS", "16"))
 
 
 #: Rows per gradient chunk, overriding the size from W (a benchmark knob: memory against speed).
@@ -124,11 +124,19 @@ def _col_groups(n: int, v: int, tiles: Tiles, device: torch.device) -> tuple[int
 
 
 def _chunk_rows(n: int, v: int, d: int, elt: int, tiles: Tiles) -> int:
+    """Rows per gradient chunk. The chunks are balanced (16384 rows at a 1792-row budget make ten
+    chunks of 1664 rows and one of 1408, not nine full ones and a 256-row tail whose GEMMs run far
+    below peak), in multiples of 128 rows for the GEMM tiles."""
     if tiles.chunk_rows is not None:
-        return max(1, tiles.chunk_rows)
-    budget = min(max(2 ** 28, 2 * v * d * elt), 2 ** 31)
-    rows = max(tiles.block_n, budget // max(1, v * elt) // 128 * 128)
-    return max(1, min(n, rows))
+        rows = max(1, tiles.chunk_rows)
+    else:
+        budget = min(max(2 ** 28, 2 * v * d * elt), 2 ** 31)
+        rows = max(tiles.block_n, budget // max(1, v * elt) // 128 * 128)
+    if rows >= n:
+        return max(1, n)
+    chunks = -(-n // rows)
+    balanced = -(-n // chunks)
+    return min(rows, -(-balanced // 128) * 128) if rows >= 128 else rows
 
 
 def _check(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> None:
@@ -232,30 +240,34 @@ def _mm_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(a.float() @ b.float())
 
 
-def _accumulate_dw(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """``acc += g.T @ h`` with an fp32 accumulator and operands in their own dtype."""
+def _accumulate_dw(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first: bool = False) -> None:
+    """``acc += g.T @ h`` (``acc = g.T @ h`` when ``first``: beta = 0, so the uninitialised buffer is
+    neither read nor zeroed first) with an fp32 accumulator and operands in their own dtype."""
+    beta = 0.0 if first else 1.0
     if g.dtype == torch.float32:
-        acc.addmm_(g.t(), h)
+        acc.addmm_(g.t(), h, beta=beta)
         return
     if g.device.type != "cuda":
-        acc.addmm_(g.t().float(), h.float())
+        acc.addmm_(g.t().float(), h.float(), beta=beta)
         return
     mode = _ADDMM_MODE.get(g.device, "addmm")
     if mode == "addmm":
-        try:  # cuBLAS bf16/fp16 GEMM accumulating straight into the fp32 buffer (beta = 1)
-            torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
+        try:  # cuBLAS bf16/fp16 GEMM accumulating straight into the fp32 buffer
+            torch.addmm(acc, g.t(), h, beta=beta, out_dtype=torch.float32, out=acc)
             _ADDMM_MODE[g.device] = "addmm"
             return
         except (TypeError, RuntimeError):
             mode = _ADDMM_MODE[g.device] = "mm"
     if mode == "mm":
         try:  # fp32 product, then one fp32 add
-            acc.add_(torch.mm(g.t(), h, out_dtype=torch.float32))
+            prod = torch.mm(g.t(), h, out_dtype=torch.float32)
+            acc.copy_(prod) if first else acc.add_(prod)
             return
         except (TypeError, RuntimeError):
             _ADDMM_MODE[g.device] = "cast"
     # Older torch: one rounding to the operand dtype per chunk, fp32 accumulation across chunks.
-    acc.add_(torch.mm(g.t(), h))
+    prod = torch.mm(g.t(), h)
+    acc.copy_(prod) if first else acc.add_(prod)
 
 
 def _grad_tiles(h, w, target, lse, row_w, g, *, label_smoothing, softcap, scale, tiles: Tiles,
@@ -280,7 +292,7 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles):
     n, d = h.shape
     v = w.shape[0]
     dh = torch.empty_like(h) if need_dh else h.new_empty((0,))
-    dw32 = torch.zeros((v, d), dtype=torch.float32, device=h.device) if need_dw else None
+    dw32 = (torch.empty if n else torch.zeros)((v, d), dtype=torch.float32, device=h.device) if need_dw else None
     if n:
         rows = _chunk_rows(n, v, d, h.element_size(), tiles)
         buf = torch.empty((min(rows, n), v), dtype=h.dtype, device=h.device)
@@ -291,7 +303,7 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles):
             if need_dh:
                 _mm_out(g, w, dh[r0:r1])
             if need_dw:
-                _accumulate_dw(dw32, g, h[r0:r1])
+                _accumulate_dw(dw32, g, h[r0:r1], first=r0 == 0)
     if not need_dw:
         dw = w.new_empty((0,))
     else:
@@ -322,7 +334,7 @@ def _gradients_by_vocab(h, w, target, lse, row_w, *, label_smoothing, softcap, s
     n, d = h.shape
     v = w.shape[0]
     cols = _vocab_slice(n, v, h.element_size(), tiles)
-    dh32 = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_dh else None
+    dh32 = torch.empty((n, d), dtype=torch.float32, device=h.device) if need_dh else None
     dw = torch.empty_like(w) if need_dw else w.new_empty((0,))
     buf = torch.empty((n, min(cols, v)), dtype=h.dtype, device=h.device)
     for v0 in range(0, v, cols):
@@ -333,7 +345,7 @@ def _gradients_by_vocab(h, w, target, lse, row_w, *, label_smoothing, softcap, s
         if need_dw:  # every row at once: one GEMM, fp32 accumulation inside, one rounding
             _mm_out(g.t(), h, dw[v0:v1])
         if need_dh:
-            _accumulate_dw(dh32, g.t(), ws)  # dh32 += G @ W[v0:v1]
+            _accumulate_dw(dh32, g.t(), ws, first=v0 == 0)  # dh32 += G @ W[v0:v1]
     dh = (dh32 if h.dtype == torch.float32 else dh32.to(h.dtype)) if need_dh else h.new_empty((0,))
     return dh, dw
 

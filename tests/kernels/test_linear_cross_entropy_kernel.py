@@ -155,3 +155,18 @@ def test_fused_backward_refuses_a_gradient_it_did_not_compute():
     loss = ops.linear_cross_entropy_fused(h, w, t, -100, "mean", 0.0, 0.0, 1.0, True, False)[0]
     with pytest.raises(RuntimeError, match="need_dw=False"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_first_chunk_overwrites_an_uninitialised_accumulator(dtype):
+    """The fp32 accumulators start as torch.empty: the first chunk's GEMM must ignore what is there
+    (beta = 0), NaN included, and later chunks must add."""
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(11, 13, generator=gen).to(dtype)
+    h = torch.randn(11, 6, generator=gen).to(dtype)
+    acc = torch.full((13, 6), float("nan"))
+    k._accumulate_dw(acc, g, h, first=True)
+    want = g.double().t() @ h.double()
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-5)
+    k._accumulate_dw(acc, g, h)
+    torch.testing.assert_close(acc.double(), 2 * want, rtol=1e-5, atol=1e-5)
