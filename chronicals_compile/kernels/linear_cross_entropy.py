@@ -75,20 +75,28 @@ class Tiles:
     num_stages: int = 3
     #: vocab tiles per forward program (None: enough programs to fill the GPU a few times)
     tiles_per_group: int | None = None
-    #: rows per gradient chunk (None: sized so the [chunk, V] buffer is about twice W)
+    #: rows per gradient chunk (None: sized so the [chunk, V] buffer is CHUNK_BUFFER_PER_W x W)
     chunk_rows: int | None = None
     #: vocabulary rows per slice of the ``vocab`` backward layout (None: from VOCAB_SLICE_BYTES)
     vocab_cols: int | None = None
-    #: vocab block and warps of the row kernel (matmul-logits fused mode)
-    row_block: int = int(os.environ.get("CHRONICALS_CCE_ROW_BLOCK", "8192"))
-    row_warps: int = int(os.environ.get("CHRONICALS_CCE_ROW_WARPS", "16"))
+    #: vocab block and warps of the row kernel (matmul-logits fused mode). On the H200 the row
+    #: kernel reached 3.87 TB/s (two reads and a write of a [4096, V] chunk) with 4096 x 8 warps,
+    #: 3.81 with 8192 x 16, 3.15-3.63 with larger blocks (results/2026-12-01-h200-session4/lce_rows.md)
+    row_block: int = int(os.environ.get("CHRONICALS_CCE_ROW_BLOCK", "4096"))
+    row_warps: int = int(os.environ.get("CHRONICALS_CCE_ROW_WARPS", "8"))
 
 
-#: Rows per gradient chunk, overriding the size from W (a benchmark knob: memory against speed).
-#: On the H200 at (16384, 896, 151936), tile logits: 2048 rows 27.8 ms, 4096 26.4, 8192 26.2
-#: against 28.1 ms by default (benchmarks/results/2026-11-28-h200-session3/lce_chunks.md); the
-#: buffer is rows x V in the input dtype.
+#: Rows per gradient chunk, overriding the size from W (a knob: memory against speed).
 CHUNK_ROWS = int(os.environ.get("CHRONICALS_CCE_CHUNK_ROWS", "0")) or None
+
+#: The default [chunk, V] gradient buffer is this many times W's bytes (at least 256 MiB, at most
+#: 2 GiB). Fewer chunks cost less: each later chunk re-reads and re-writes the V x d fp32 dW
+#: accumulator, and small chunks run the GEMMs below peak. On the H200 at (16384, 896, 151936),
+#: fused mode, matmul logits: 1664-row chunks (2 x W) 27.1 ms / 1.0 GiB extra, 2048 rows 25.9 /
+#: 1.1, 4096 rows 25.3 / 1.7, 8192 rows 24.9 / 2.8, torch.compile 26.9 / 4.6
+#: (results/2026-12-01-h200-session4/lce_rows.md); the whole training step at 8 x 2048 ran
+#: 132.8k / 134.3k / 136.4k tok/s with the 1664 / 4096 / 8192-row chunks (e2e_cce.md).
+CHUNK_BUFFER_PER_W = 4
 
 
 def default_tiles(dtype: torch.dtype, device: torch.device) -> Tiles:
@@ -130,7 +138,7 @@ def _chunk_rows(n: int, v: int, d: int, elt: int, tiles: Tiles) -> int:
     if tiles.chunk_rows is not None:
         rows = max(1, tiles.chunk_rows)
     else:
-        budget = min(max(2 ** 28, 2 * v * d * elt), 2 ** 31)
+        budget = min(max(2 ** 28, CHUNK_BUFFER_PER_W * v * d * elt), 2 ** 31)
         rows = max(tiles.block_n, budget // max(1, v * elt) // 128 * 128)
     if rows >= n:
         return max(1, n)
