@@ -204,3 +204,13 @@ def _ce_rows_kernel(Z, T, ROW_W, LSE_OUT, ZT_OUT, SZ_OUT, V, stride_z,
             if HAS_SCALE:
                 g = g * scale
         tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _scale_kernel(X, G, Y, numel, BLOCK: tl.constexpr):
+    """``y = x * g`` in fp32 with one rounding; ``g`` is read on the device (no host sync)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = tl.load(G).to(tl.float32)
+    x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (x * g).to(Y.dtype.element_ty), mask=ok)

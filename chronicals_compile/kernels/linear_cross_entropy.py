@@ -56,7 +56,7 @@ import os
 import torch
 import triton
 
-from .cut_cross_entropy_triton import _ce_rows_kernel, _cce_fwd_kernel, _cce_grad_kernel
+from .cut_cross_entropy_triton import _ce_rows_kernel, _cce_fwd_kernel, _cce_grad_kernel, _scale_kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,3 +431,15 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
 
     dh, dw = _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles)
     return _reduce(row_loss, valid, reduction), dh, dw
+
+
+def scale(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``(x.float() * g).to(x.dtype)`` in one pass: the fused mode's backward scales dh and dW by
+    the incoming gradient. Eager torch spends three kernels and two fp32 copies of dW on this
+    (about 3 ms at a 256000 x 2304 vocabulary on the H200); Inductor fuses the torch spelling
+    itself, so compiled graphs keep that one."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    block = 4096
+    _scale_kernel[(triton.cdiv(x.numel(), block),)](x, g.reshape(1), y, x.numel(), BLOCK=block, num_warps=8)
+    return y

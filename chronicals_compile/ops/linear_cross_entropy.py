@@ -240,7 +240,7 @@ def _fused_setup_context(ctx, inputs, output) -> None:
 
 def _fused_backward(ctx, grad_loss: Tensor, _grad_dh, _grad_dw):
     dh, dw = ctx.saved_tensors
-    g = grad_loss.float()
+    g = grad_loss.to(_acc_dtype(dh))
 
     def scaled(x: Tensor, needed: bool, computed: bool, name: str):
         if not needed:
@@ -248,10 +248,33 @@ def _fused_backward(ctx, grad_loss: Tensor, _grad_dh, _grad_dw):
         if not computed:  # never a silent zero gradient
             raise RuntimeError(f"chronicals::linear_cross_entropy_fused was called with need_{name}=False "
                                f"but autograd asks for the gradient of {name}")
-        return (x.float() * g).to(x.dtype)  # scale in fp32: one rounding, like the unfused path
+        if torch.compiler.is_compiling():  # Inductor fuses this spelling into one pass (and into what follows)
+            return (x.to(g.dtype) * g).to(x.dtype)  # scale in fp32: one rounding, like the unfused path
+        return scale_by(x, g)
 
     return (scaled(dh, ctx.needs_input_grad[0], ctx.computed[0], "dh"),
             scaled(dw, ctx.needs_input_grad[1], ctx.computed[1], "dw")) + (None,) * 8
 
 
 linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+@torch.library.custom_op("chronicals::scale_by", mutates_args=())
+def scale_by(x: Tensor, g: Tensor) -> Tensor:
+    """``(x.float() * g).to(x.dtype)``, ``g`` a 0-dim fp32 tensor: one rounding. CUDA: one Triton pass."""
+    acc = _acc_dtype(x)
+    return (x.to(acc) * g.to(acc)).to(x.dtype)
+
+
+@scale_by.register_kernel("cuda")
+def _scale_by_cuda(x, g):
+    from ..kernels import linear_cross_entropy as k
+
+    if x.dtype == torch.float64:
+        return (x * g.double()).to(x.dtype)
+    return k.scale(x, g.float())
+
+
+@scale_by.register_fake
+def _(x, g):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -170,3 +170,21 @@ def test_first_chunk_overwrites_an_uninitialised_accumulator(dtype):
     torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-5)
     k._accumulate_dw(acc, g, h)
     torch.testing.assert_close(acc.double(), 2 * want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_is_the_fp32_product_rounded_once(dtype):
+    """The fused backward's dh/dW scaling (one Triton pass in eager CUDA) equals torch's spelling.
+    bf16 runs on the GPU (tests/gpu): the interpreter's fp32 -> bf16 store does not round to nearest."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4099, generator=gen).to(dtype)[::3]  # odd length, non-contiguous
+    g = torch.tensor(0.37)
+    assert torch.equal(k.scale(x, g), (x.float() * g).to(dtype))
+
+
+def test_scale_by_op_matches_reference():
+    ops = _ops()
+    x = torch.randn(5, 7, dtype=torch.bfloat16)
+    g = torch.tensor(1.7)
+    assert torch.equal(ops.scale_by(x, g), (x.float() * g).to(torch.bfloat16))
+    torch.library.opcheck(ops.scale_by.default, (x, g))
