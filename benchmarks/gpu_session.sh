@@ -7,6 +7,7 @@
 # Stages (default seconds):
 #   tests=200       tests/gpu, one pytest process per file in parallel (one process took > 4 min)
 #   e2e=480         Qwen0.5B 8x2048 full FT: eager, inductor, liger, liger-compiled, cce, cce-exact, chronicals, chronicals-all, chronicals-lean
+#                   ($E2E_VARIANTS overrides the list)
 #   e2e-lora=540    the same shape with LoRA r=32: eager, inductor, liger, cce-exact, chronicals
 #                   (LoRA compiles take about 80 s each on the H200 host)
 #   e2e-long=540    Qwen0.5B 16x4096 full FT: eager and inductor (expected to run out of memory), liger, cce-exact, chronicals
@@ -58,7 +59,7 @@ for stage in "${stages[@]}"; do
   case "$name" in
     tests) run_tests "${secs:-200}" ;;
     e2e) timeout "${secs:-480}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e \
-           --variants eager,inductor,liger,liger-compiled,cce,cce-exact,chronicals,chronicals-all,chronicals-lean 2>&1 | grep "^e2e:\|^|" ;;
+           --variants "${E2E_VARIANTS:-eager,inductor,liger,liger-compiled,cce,cce-exact,chronicals,chronicals-all,chronicals-lean}" 2>&1 | grep "^e2e:\|^|" ;;
     e2e-lora) timeout "${secs:-540}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora \
            --variants eager,inductor,liger,cce-exact,chronicals 2>&1 | grep "^e2e:\|^|" ;;
     e2e-long) timeout "${secs:-540}" $E2E --shapes qwen0.5b-16x4096 --modes full --name e2e_16x4096 \
