@@ -134,7 +134,7 @@ def _measure(name, fn, n, d, v, device, dtype, rep_ms):
         extra = torch.cuda.max_memory_allocated() - before - grads_bytes
         gnorm = float(w.grad.float().norm())
         ms = _bench(step, rep_ms)
-        return {"ms": round(ms, 2), "extra MiB": round(extra / 2**20), "loss": round(float(loss), 5),
+        return {"ms": round(ms, 2), "extra MiB": round(extra / 2**20), "loss": round(float(loss.detach()), 5),
                 "|dW|": round(gnorm, 4)}
     except torch.cuda.OutOfMemoryError:
         return {"ms": "OOM"}
