@@ -297,11 +297,17 @@ def _grad_tiles(h, w, target, lse, row_w, g, *, label_smoothing, softcap, scale,
         DOT_PRECISION=_dot_precision(h.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
-def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles):
-    """dh, dW from per-chunk gradient tiles: ``fill(r0, r1, buf)`` writes G of rows r0:r1."""
+def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles, keep_fp32: bool = False):
+    """dh, dW from per-chunk gradient tiles: ``fill(r0, r1, buf)`` writes G of rows r0:r1.
+    ``keep_fp32``: return them unrounded in fp32 (the fused mode rounds once, after scaling)."""
     n, d = h.shape
     v = w.shape[0]
-    dh = torch.empty_like(h) if need_dh else h.new_empty((0,))
+    keep_fp32 = keep_fp32 and h.dtype in (torch.float16, torch.bfloat16)
+    fp32_dh = keep_fp32
+    if not need_dh:
+        dh = h.new_empty((0,))
+    else:
+        dh = torch.empty((n, d), dtype=torch.float32, device=h.device) if fp32_dh else torch.empty_like(h)
     dw32 = (torch.empty if n else torch.zeros)((v, d), dtype=torch.float32, device=h.device) if need_dw else None
     if n:
         rows = _chunk_rows(n, v, d, h.element_size(), tiles)
@@ -310,14 +316,16 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles):
             r1 = min(n, r0 + rows)
             g = buf[: r1 - r0]
             fill(r0, r1, g)
-            if need_dh:
+            if fp32_dh:
+                _accumulate_dw(dh[r0:r1], g.t(), w, first=True)  # dh[r0:r1] = G @ W, fp32 out
+            elif need_dh:
                 _mm_out(g, w, dh[r0:r1])
             if need_dw:
                 _accumulate_dw(dw32, g, h[r0:r1], first=r0 == 0)
     if not need_dw:
         dw = w.new_empty((0,))
     else:
-        dw = dw32 if w.dtype == torch.float32 else dw32.to(w.dtype)
+        dw = dw32 if (keep_fp32 or w.dtype == torch.float32) else dw32.to(w.dtype)
     return dh, dw
 
 
@@ -396,8 +404,12 @@ FUSED_LOGITS = os.environ.get("CHRONICALS_CCE_LOGITS", "matmul")
 def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
           label_smoothing: float = 0.0, softcap: float = 0.0, scale: float = 1.0,
           need_dh: bool = True, need_dw: bool = True,
-          tiles: Tiles | None = None, logits: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss plus dh and dW for an incoming gradient of 1, the logits computed once per chunk."""
+          tiles: Tiles | None = None, logits: str | None = None,
+          keep_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss plus dh and dW for an incoming gradient of 1, the logits computed once per chunk.
+    ``keep_fp32``: dh and dW come back as their fp32 accumulators, not rounded to the input dtype:
+    the backward scales them by the incoming gradient and rounds once (no second rounding, and no
+    fp32 -> bf16 pass over V x d in the forward)."""
     _check(h, w, target)
     tiles = tiles or default_tiles(h.dtype, h.device)
     logits = logits or FUSED_LOGITS
@@ -431,17 +443,17 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
             lse, zt, sumz = stats[0], stats[1], stats[2] if smooth else None
         row_loss[r0:r1] = _row_losses(lse, zt, sumz, tc, v, ignore_index, label_smoothing)[0]
 
-    dh, dw = _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles)
+    dh, dw = _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles, keep_fp32=keep_fp32)
     return _reduce(row_loss, valid, reduction), dh, dw
 
 
-def scale(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``(x.float() * g).to(x.dtype)`` in one pass: the fused mode's backward scales dh and dW by
-    the incoming gradient. Eager torch spends three kernels and two fp32 copies of dW on this
-    (about 3 ms at a 256000 x 2304 vocabulary on the H200); Inductor fuses the torch spelling
-    itself, so compiled graphs keep that one."""
+def scale(x: torch.Tensor, g: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(x.float() * g).to(out_dtype or x.dtype)`` in one pass: the fused mode's backward scales
+    its fp32 dh and dW by the incoming gradient and rounds once. Eager torch spends three kernels
+    and fp32 copies of dW on this (about 3 ms at a 256000 x 2304 vocabulary on the H200); Inductor
+    fuses the torch spelling itself, so compiled graphs keep that one."""
     x = x.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     block = 4096
     _scale_kernel[(triton.cdiv(x.numel(), block),)](x, g.reshape(1), y, x.numel(), BLOCK=block, num_warps=8)
     return y

@@ -20,6 +20,7 @@ Three ops:
 ``linear_cross_entropy_fused(h, weight, target, ..., need_dh, need_dw) -> (loss, dh, dw)``
     Computes the gradients of the loss during the forward (the logits are computed once);
     differentiable in ``loss``, whose backward only scales dh and dw by the incoming gradient.
+    dh and dw are the fp32 accumulators (fp64 for fp64 inputs): rounded once, after the scaling.
 
 CUDA runs the Triton launchers of ``kernels.linear_cross_entropy``; other devices run the chunked
 torch reference below (row chunks of at most ``_CPU_CHUNK_ELEMENTS`` logits, so CPU evaluation is
@@ -81,7 +82,10 @@ def reference_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: i
 
 def reference_backward(grad: Tensor, h: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                        ignore_index: int, reduction: str, label_smoothing: float, softcap: float,
-                       scale: float, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
+                       scale: float, need_dh: bool, need_dw: bool,
+                       acc_outputs: bool = False) -> tuple[Tensor, Tensor]:
+    """``acc_outputs``: dh and dW in the accumulation dtype (the fused op's outputs), else rounded
+    to the inputs' dtypes."""
     acc = _acc_dtype(h)
     n, v = h.shape[0], weight.shape[0]
     wf = weight.to(acc)
@@ -90,7 +94,8 @@ def reference_backward(grad: Tensor, h: Tensor, weight: Tensor, target: Tensor, 
     if reduction == "mean":
         g = g / valid.sum()
     row_w = torch.where(valid, g.expand(n), torch.zeros((), dtype=acc, device=h.device))
-    dh = torch.empty_like(h) if need_dh else h.new_empty((0,))
+    dh_dtype, dw_dtype = (acc, acc) if acc_outputs else (h.dtype, weight.dtype)
+    dh = torch.empty(h.shape, dtype=dh_dtype, device=h.device) if need_dh else h.new_empty((0,), dtype=dh_dtype)
     dw = torch.zeros((v, weight.shape[1]), dtype=acc, device=h.device) if need_dw else None
     for r0, r1 in _chunks(n, v):
         hc = h[r0:r1].to(acc)
@@ -107,10 +112,10 @@ def reference_backward(grad: Tensor, h: Tensor, weight: Tensor, target: Tensor, 
         if scale != 1.0:
             gz = gz * scale
         if need_dh:
-            dh[r0:r1] = (gz @ wf).to(h.dtype)
+            dh[r0:r1] = (gz @ wf).to(dh_dtype)
         if need_dw:
             dw.addmm_(gz.t(), hc)
-    dw = dw.to(weight.dtype) if need_dw else weight.new_empty((0,))
+    dw = dw.to(dw_dtype) if need_dw else weight.new_empty((0,), dtype=dw_dtype)
     return dh, dw
 
 
@@ -207,10 +212,12 @@ linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 def linear_cross_entropy_fused(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                                reduction: str, label_smoothing: float, softcap: float, scale: float,
                                need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dh and dW come back in the accumulation dtype (fp32 for half inputs, as the loss): the
+    backward scales them by the incoming gradient and rounds once, to the inputs' dtypes."""
     _check_args(h, weight, target, reduction)
     loss, lse = reference_forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
     dh, dw = reference_backward(torch.ones((), dtype=loss.dtype), h, weight, target, lse, ignore_index,
-                                reduction, label_smoothing, softcap, scale, need_dh, need_dw)
+                                reduction, label_smoothing, softcap, scale, need_dh, need_dw, acc_outputs=True)
     return loss.to(_lse_dtype(h)), dh, dw
 
 
@@ -220,21 +227,25 @@ def _linear_cross_entropy_fused_cuda(h, weight, target, ignore_index, reduction,
     from ..kernels import linear_cross_entropy as k
 
     _check_args(h, weight, target, reduction)
-    return k.fused(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale,
-                   need_dh, need_dw)
+    loss, dh, dw = k.fused(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale,
+                           need_dh, need_dw, keep_fp32=True)
+    acc = _lse_dtype(h)
+    return loss, dh.to(acc), dw.to(acc)  # no-ops but for fp64 and for the [0] placeholders
 
 
 @linear_cross_entropy_fused.register_fake
 def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale, need_dh, need_dw):
     _check_args(h, weight, target, reduction)
-    return (h.new_empty((), dtype=_lse_dtype(h)), h.new_empty(h.shape if need_dh else (0,)),
-            weight.new_empty(weight.shape if need_dw else (0,)))
+    acc = _lse_dtype(h)
+    return (h.new_empty((), dtype=acc), h.new_empty(h.shape if need_dh else (0,), dtype=acc),
+            weight.new_empty(weight.shape if need_dw else (0,), dtype=acc))
 
 
 def _fused_setup_context(ctx, inputs, output) -> None:
     _, dh, dw = output
     ctx.save_for_backward(dh, dw)
     ctx.computed = inputs[8], inputs[9]  # need_dh, need_dw as the pass decided them
+    ctx.dtypes = inputs[0].dtype, inputs[1].dtype
     ctx.mark_non_differentiable(dh, dw)
 
 
@@ -242,39 +253,38 @@ def _fused_backward(ctx, grad_loss: Tensor, _grad_dh, _grad_dw):
     dh, dw = ctx.saved_tensors
     g = grad_loss.to(_acc_dtype(dh))
 
-    def scaled(x: Tensor, needed: bool, computed: bool, name: str):
+    def scaled(x: Tensor, needed: bool, computed: bool, name: str, dtype: torch.dtype):
         if not needed:
             return None
         if not computed:  # never a silent zero gradient
             raise RuntimeError(f"chronicals::linear_cross_entropy_fused was called with need_{name}=False "
                                f"but autograd asks for the gradient of {name}")
         if torch.compiler.is_compiling():  # Inductor fuses this spelling into one pass (and into what follows)
-            return (x.to(g.dtype) * g).to(x.dtype)  # scale in fp32: one rounding, like the unfused path
-        return scale_by(x, g)
+            return (x * g).to(dtype)  # scaled in the accumulation dtype, rounded once
+        return scale_by(x, g, dtype)
 
-    return (scaled(dh, ctx.needs_input_grad[0], ctx.computed[0], "dh"),
-            scaled(dw, ctx.needs_input_grad[1], ctx.computed[1], "dw")) + (None,) * 8
+    return (scaled(dh, ctx.needs_input_grad[0], ctx.computed[0], "dh", ctx.dtypes[0]),
+            scaled(dw, ctx.needs_input_grad[1], ctx.computed[1], "dw", ctx.dtypes[1])) + (None,) * 8
 
 
 linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
 @torch.library.custom_op("chronicals::scale_by", mutates_args=())
-def scale_by(x: Tensor, g: Tensor) -> Tensor:
-    """``(x.float() * g).to(x.dtype)``, ``g`` a 0-dim fp32 tensor: one rounding. CUDA: one Triton pass."""
-    acc = _acc_dtype(x)
-    return (x.to(acc) * g.to(acc)).to(x.dtype)
+def scale_by(x: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(x * g).to(dtype)`` in x's (accumulation) dtype, ``g`` 0-dim: one rounding. CUDA: one Triton pass."""
+    return (x * g.to(x.dtype)).to(dtype)
 
 
 @scale_by.register_kernel("cuda")
-def _scale_by_cuda(x, g):
+def _scale_by_cuda(x, g, dtype):
     from ..kernels import linear_cross_entropy as k
 
     if x.dtype == torch.float64:
-        return (x * g.double()).to(x.dtype)
-    return k.scale(x, g.float())
+        return (x * g.double()).to(dtype)
+    return k.scale(x, g.float(), dtype)
 
 
 @scale_by.register_fake
-def _(x, g):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, g, dtype):
+    return x.new_empty(x.shape, dtype=dtype)

@@ -184,7 +184,37 @@ def test_scale_is_the_fp32_product_rounded_once(dtype):
 
 def test_scale_by_op_matches_reference():
     ops = _ops()
-    x = torch.randn(5, 7, dtype=torch.bfloat16)
+    x = torch.randn(5, 7)
     g = torch.tensor(1.7)
-    assert torch.equal(ops.scale_by(x, g), (x.float() * g).to(torch.bfloat16))
-    torch.library.opcheck(ops.scale_by.default, (x, g))
+    assert torch.equal(ops.scale_by(x, g, torch.bfloat16), (x * g).to(torch.bfloat16))
+    torch.library.opcheck(ops.scale_by.default, (x, g, torch.bfloat16))
+    assert torch.equal(k.scale(x, g, torch.float16), (x * g).to(torch.float16))
+
+
+def test_fused_keeps_fp32_accumulators_closer_to_float64():
+    """keep_fp32 (what the op uses): dh and dW unrounded, at least as close to float64 as the
+    rounded ones, and equal to them once rounded."""
+    h, w, t, _ = case.make_inputs(37, 24, 70, torch.float16, "some", 9)
+    tiles = k.Tiles(block_n=16, block_v=32, block_d=16, group_n=2, num_warps=4, num_stages=1, chunk_rows=16,
+                    row_block=32, row_warps=4)
+    _, dh, dw = k.fused(h, w, t, tiles=tiles)
+    _, dh32, dw32 = k.fused(h, w, t, tiles=tiles, keep_fp32=True)
+    assert dh32.dtype == dw32.dtype == torch.float32 and dh.dtype == dw.dtype == torch.float16
+    ref = case.torch_loss(h.double(), w.double(), t, -100, "mean", 0.0, 0.0, 1.0)
+    for kept, rounded, want in ((dh32, dh, ref[1]), (dw32, dw, ref[2])):
+        torch.testing.assert_close(kept.to(torch.float16), rounded, rtol=1e-3, atol=1e-6)
+        assert (kept.double() - want).abs().max() <= (rounded.double() - want).abs().max() + 1e-9
+
+
+def test_fused_op_rounds_once_after_scaling_by_the_incoming_gradient():
+    """The op returns fp32 dh/dW for bf16 inputs; the backward scales them and rounds once."""
+    ops = _ops()
+    h, w, t, _ = case.make_inputs(23, 16, 40, torch.bfloat16, "some", 6)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    loss, dh, dw = ops.linear_cross_entropy_fused(h, w, t, -100, "sum", 0.0, 0.0, 1.0, True, True)
+    assert dh.dtype == dw.dtype == torch.float32
+    (loss * 0.37).backward()
+    g = torch.tensor(0.37)
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert torch.equal(h.grad, (dh * g).to(torch.bfloat16)) and torch.equal(w.grad, (dw * g).to(torch.bfloat16))
