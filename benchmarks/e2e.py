@@ -189,8 +189,13 @@ def worker(spec: dict) -> dict:
         if on_gpu:
             torch.cuda.synchronize()
 
+    from gpu_clocks import ClockSampler
+
+    clocks = ClockSampler(torch.cuda.current_device() if on_gpu else 0)
     losses, norms, times = [], [], []
     for i, ids in enumerate(batches):
+        if on_gpu and i == spec["warmup"]:
+            clocks.start()  # the timed steps only
         ids = ids.to(device, non_blocking=True)
         sync()
         t0 = time.perf_counter()
@@ -204,6 +209,7 @@ def worker(spec: dict) -> dict:
         losses.append(loss.detach())
         norms.append(norm.detach())
         del loss
+    clocks.stop()
     losses = [float(x) for x in losses]
     norms = [float(x) for x in norms]
     timed = times[spec["warmup"]:]
@@ -233,6 +239,7 @@ def worker(spec: dict) -> dict:
         "step_times_s": times,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
+        **clocks.summary(),
     })
     if variant.startswith("chronicals"):
         from torch._dynamo.utils import counters
@@ -330,7 +337,7 @@ def compare_losses(results: list[dict]) -> None:
 
 
 COLUMNS = ("shape", "mode", "variant", "status", "tokens/s", "real tokens/s", "step ms", "MFU",
-           "peak mem GiB", "first step s", "first loss", "final loss", "vs eager", "grad norm")
+           "peak mem GiB", "first step s", "first loss", "final loss", "vs eager", "grad norm", "SM MHz", "W")
 
 
 def table_rows(results: list[dict]) -> list[dict]:
@@ -351,6 +358,8 @@ def table_rows(results: list[dict]) -> list[dict]:
                     if "first_loss_rel_diff" in r else ""),
                 "grad norm": f"{r['grad_norm']:.3g}" + ("" if r.get("grad_health") == "ok" else
                                                        f" {r.get('grad_health', '')}"),
+                "SM MHz": f"{r['sm_mhz']:.0f}" if "sm_mhz" in r else "-",
+                "W": f"{r['power_w']:.0f}" if "power_w" in r else "-",
             })
         rows.append(row)
     return rows
