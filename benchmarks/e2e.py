@@ -53,7 +53,7 @@ if REPO not in sys.path:
 #: descent tuning of its own Triton kernels, passed through our options.
 VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
             "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
-            "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope")
+            "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa")
 #: Environment of a variant's worker process, set before chronicals_compile is imported.
 VARIANT_ENV = {
     # cut cross-entropy with 4096-row gradient chunks and tile logits (kernel sweep: 26.4 vs 28.1 ms,
@@ -168,6 +168,8 @@ def worker(spec: dict) -> dict:
             options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
         if variant == "chronicals-rope":  # our RoPE alone (2.8-3.6x Inductor's in the micro benchmark)
             options["enable"] = ["rope"]
+        if variant == "chronicals-gqa":  # SDPA reads the unexpanded k/v (enable_gqa), off by default
+            options["enable"] = ["gqa_attention"]
         if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)
             options["memory_budget"] = spec["lean_budget"]
         if variant == "chronicals-tuned":

@@ -17,6 +17,8 @@
 #   e2e-lora-bf16=480  LoRA r=32 with adapter weights in bf16 (peft's default is fp32): eager, inductor, liger, chronicals
 #   lce-peers=300   cut cross-entropy against eager, compile, Liger, Apple CCE at the three issue shapes
 #   lce-chunks=150  cut cross-entropy chunk sizes (memory against speed), both logits modes
+#   attention=90    grouped-query attention fwd+bwd: expanded k/v vs enable_gqa, per SDPA backend
+#   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
 #   row-sweep=120   the fused mode's row kernel by launch shape, then the fused op by chunk rows
 #   e2e-cce=300     Qwen0.5B 8x2048 full FT: inductor beside chronicals with each gradient chunk size, -lean, -tuned
 #   micro-norm=200  kernel-only microbenchmarks of rms_norm and add_rms_norm
@@ -75,6 +77,10 @@ for stage in "${stages[@]}"; do
            | grep -v Warning | tee "$OUT/lce.md" | tail -40 ;;
     lce-chunks) timeout "${secs:-150}" python3 benchmarks/bench_linear_cross_entropy.py --sweep --chunk-rows 1024 2048 4096 8192 16384 2>&1 \
            | grep -v Warning | tee "$OUT/lce_chunks.md" | tail -12 ;;
+    attention) timeout "${secs:-90}" python3 benchmarks/bench_attention.py 2>&1 | grep -v Warning \
+           | tee "$OUT/attention.md" | grep "^|" ;;
+    e2e-gqa) timeout "${secs:-200}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_gqa \
+           --variants inductor,chronicals,chronicals-gqa,chronicals-rope 2>&1 | grep "^e2e:\|^|" ;;
     row-sweep) timeout "${secs:-120}" python3 benchmarks/bench_linear_cross_entropy.py --row-sweep 2>&1 \
            | grep -v Warning | tee "$OUT/lce_rows.md" | grep "^|" ;;
     e2e-cce) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_cce \
