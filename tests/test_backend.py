@@ -48,6 +48,9 @@ def test_unknown_options_get_clear_errors():
     for bad in (1.5, -0.1, "half", True):
         with pytest.raises(ValueError, match="chronicals.memory_budget"):
             chronicals_compile.compile(tiny_model("llama"), memory_budget=bad)
+    for bad in (0, -4, 2.5, "8192", True):
+        with pytest.raises(ValueError, match="chronicals.cce_chunk_rows"):
+            chronicals_compile.compile(tiny_model("llama"), cce_chunk_rows=bad)
 
 
 def test_model_without_rms_norm_trains_with_zero_swaps():

@@ -128,6 +128,18 @@ def _check_args(h: Tensor, weight: Tensor, target: Tensor, reduction: str) -> No
     torch._check(reduction in ("mean", "sum"), lambda: f"reduction {reduction!r} not supported")
 
 
+def _tiles(h: Tensor, chunk_rows: int):
+    """The launchers' default tiles, with ``chunk_rows`` rows per gradient chunk when it is set
+    (``chronicals.cce_chunk_rows``; 0 = the launchers' own sizing). The CPU reference ignores it."""
+    if not chunk_rows:
+        return None
+    import dataclasses
+
+    from ..kernels import linear_cross_entropy as k
+
+    return dataclasses.replace(k.default_tiles(h.dtype, h.device), chunk_rows=int(chunk_rows))
+
+
 def _lse_dtype(h: Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
@@ -138,14 +150,16 @@ def _lse_dtype(h: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("chronicals::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
-                         label_smoothing: float, softcap: float, scale: float) -> tuple[Tensor, Tensor]:
+                         label_smoothing: float, softcap: float, scale: float,
+                         chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
     _check_args(h, weight, target, reduction)
     loss, lse = reference_forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
     return loss.to(_lse_dtype(h)), lse.to(_lse_dtype(h))
 
 
 @linear_cross_entropy.register_kernel("cuda")
-def _linear_cross_entropy_cuda(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale):
+def _linear_cross_entropy_cuda(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale,
+                               chunk_rows=0):
     from ..kernels import linear_cross_entropy as k
 
     _check_args(h, weight, target, reduction)
@@ -153,7 +167,7 @@ def _linear_cross_entropy_cuda(h, weight, target, ignore_index, reduction, label
 
 
 @linear_cross_entropy.register_fake
-def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale):
+def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale, chunk_rows=0):
     _check_args(h, weight, target, reduction)
     dtype = _lse_dtype(h)
     return h.new_empty((), dtype=dtype), h.new_empty((h.shape[0],), dtype=dtype)
@@ -163,32 +177,33 @@ def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scal
 def linear_cross_entropy_backward(grad: Tensor, h: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                                   ignore_index: int, reduction: str, label_smoothing: float,
                                   softcap: float, scale: float, need_dh: bool,
-                                  need_dw: bool) -> tuple[Tensor, Tensor]:
+                                  need_dw: bool, chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
     return reference_backward(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing,
                               softcap, scale, need_dh, need_dw)
 
 
 @linear_cross_entropy_backward.register_kernel("cuda")
 def _linear_cross_entropy_backward_cuda(grad, h, weight, target, lse, ignore_index, reduction,
-                                        label_smoothing, softcap, scale, need_dh, need_dw):
+                                        label_smoothing, softcap, scale, need_dh, need_dw, chunk_rows=0):
     from ..kernels import linear_cross_entropy as k
 
     return k.backward(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing,
-                      softcap, scale, need_dh, need_dw)
+                      softcap, scale, need_dh, need_dw, tiles=_tiles(h, chunk_rows))
 
 
 @linear_cross_entropy_backward.register_fake
 def _(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing, softcap, scale,
-      need_dh, need_dw):
+      need_dh, need_dw, chunk_rows=0):
     return (h.new_empty(h.shape if need_dh else (0,)),
             weight.new_empty(weight.shape if need_dw else (0,)))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale = inputs
+    h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale, *rest = inputs
     _, lse = output
     ctx.save_for_backward(h, weight, target, lse)
     ctx.args = (ignore_index, reduction, label_smoothing, softcap, scale)
+    ctx.chunk_rows = rest[0] if rest else 0
     ctx.mark_non_differentiable(lse)
 
 
@@ -196,9 +211,10 @@ def _backward(ctx, grad_loss: Tensor, _grad_lse: Tensor):
     h, weight, target, lse = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dh or need_dw):
-        return (None,) * 8
-    dh, dw = linear_cross_entropy_backward(grad_loss, h, weight, target, lse, *ctx.args, need_dh, need_dw)
-    return (dh if need_dh else None, dw if need_dw else None) + (None,) * 6
+        return (None,) * 9
+    dh, dw = linear_cross_entropy_backward(grad_loss, h, weight, target, lse, *ctx.args, need_dh, need_dw,
+                                           ctx.chunk_rows)
+    return (dh if need_dh else None, dw if need_dw else None) + (None,) * 7
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -211,7 +227,7 @@ linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("chronicals::linear_cross_entropy_fused", mutates_args=())
 def linear_cross_entropy_fused(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                                reduction: str, label_smoothing: float, softcap: float, scale: float,
-                               need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+                               need_dh: bool, need_dw: bool, chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """dh and dW come back in the accumulation dtype (fp32 for half inputs, as the loss): the
     backward scales them by the incoming gradient and rounds once, to the inputs' dtypes."""
     _check_args(h, weight, target, reduction)
@@ -223,18 +239,19 @@ def linear_cross_entropy_fused(h: Tensor, weight: Tensor, target: Tensor, ignore
 
 @linear_cross_entropy_fused.register_kernel("cuda")
 def _linear_cross_entropy_fused_cuda(h, weight, target, ignore_index, reduction, label_smoothing,
-                                     softcap, scale, need_dh, need_dw):
+                                     softcap, scale, need_dh, need_dw, chunk_rows=0):
     from ..kernels import linear_cross_entropy as k
 
     _check_args(h, weight, target, reduction)
     loss, dh, dw = k.fused(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale,
-                           need_dh, need_dw, keep_fp32=True)
+                           need_dh, need_dw, tiles=_tiles(h, chunk_rows), keep_fp32=True)
     acc = _lse_dtype(h)
     return loss, dh.to(acc), dw.to(acc)  # no-ops but for fp64 and for the [0] placeholders
 
 
 @linear_cross_entropy_fused.register_fake
-def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale, need_dh, need_dw):
+def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale, need_dh, need_dw,
+      chunk_rows=0):
     _check_args(h, weight, target, reduction)
     acc = _lse_dtype(h)
     return (h.new_empty((), dtype=acc), h.new_empty(h.shape if need_dh else (0,), dtype=acc),
@@ -264,7 +281,7 @@ def _fused_backward(ctx, grad_loss: Tensor, _grad_dh, _grad_dw):
         return scale_by(x, g, dtype)
 
     return (scaled(dh, ctx.needs_input_grad[0], ctx.computed[0], "dh", ctx.dtypes[0]),
-            scaled(dw, ctx.needs_input_grad[1], ctx.computed[1], "dw", ctx.dtypes[1])) + (None,) * 8
+            scaled(dw, ctx.needs_input_grad[1], ctx.computed[1], "dw", ctx.dtypes[1])) + (None,) * 9
 
 
 linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)

@@ -312,11 +312,12 @@ def rewrite(gm: fx.GraphModule, found: Found, ctx) -> fx.Node:
             w = _insert(gm, "call_method", "to", (w, out_dtype), ce)
         common = (h, w, found.target, found.ignore_index, found.reduction, found.smoothing,
                   found.softcap, found.scale)
+        rows = getattr(getattr(ctx, "options", None), "cce_chunk_rows", None) or 0
         if found.training and (found.need_dh or found.need_dw) and _mode(ctx) == "fused":
             fused = _insert(gm, "call_function", ops.linear_cross_entropy_fused.default,
-                            common + (found.need_dh, found.need_dw), ce)
+                            common + (found.need_dh, found.need_dw, rows), ce)
         else:
-            fused = _insert(gm, "call_function", ops.linear_cross_entropy.default, common, ce)
+            fused = _insert(gm, "call_function", ops.linear_cross_entropy.default, common + (rows,), ce)
         loss = _insert(gm, "call_function", operator.getitem, (fused, 0), ce)
         if dtype_of(ce) != torch.float32:
             loss = _insert(gm, "call_method", "to", (loss, dtype_of(ce)), ce)

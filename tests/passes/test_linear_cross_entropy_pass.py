@@ -131,6 +131,34 @@ def test_recompute_mode_trains_like_eager():
     assert_same_training_step(eager, compiled)
 
 
+@pytest.mark.parametrize("mode", ["fused", "recompute"])
+def test_chunk_rows_option_reaches_the_op(mode):
+    """chronicals.cce_chunk_rows is an argument of the op in the graph (the CUDA launchers chunk by
+    it; the CPU reference has its own chunks), and training is unchanged."""
+    from chronicals_compile.testing.equivalence import compile_and_capture
+
+    model = tiny_model("qwen2", layers=1)
+    batch = random_batch(pad_labels=3)
+    report, graphs, out = compile_and_capture(_LossOnly(model), batch["input_ids"], batch["labels"],
+                                              cce_chunk_rows=64, cce_mode=mode)
+    calls = [n for g in graphs for n in g.graph.nodes
+             if n.op == "call_function" and "linear_cross_entropy" in str(n.target)]
+    assert len(calls) == 1 and calls[0].args[-1] == 64, [c.args for c in calls]
+    report, eager, compiled = compiled_vs_eager(model, batch, options={**FAST, "cce_chunk_rows": 64,
+                                                                       "cce_mode": mode})
+    assert report.swaps.get(NAME) == 1, str(report)
+    assert_same_training_step(eager, compiled)
+
+
+class _LossOnly(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels):
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+
 def test_dynamic_shapes_and_gradient_checkpointing():
     model = tiny_model("llama", layers=1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
