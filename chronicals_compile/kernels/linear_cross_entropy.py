@@ -303,11 +303,10 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles, keep_fp32: bool = 
     n, d = h.shape
     v = w.shape[0]
     keep_fp32 = keep_fp32 and h.dtype in (torch.float16, torch.bfloat16)
-    fp32_dh = keep_fp32
     if not need_dh:
         dh = h.new_empty((0,))
     else:
-        dh = torch.empty((n, d), dtype=torch.float32, device=h.device) if fp32_dh else torch.empty_like(h)
+        dh = torch.empty((n, d), dtype=torch.float32, device=h.device) if keep_fp32 else torch.empty_like(h)
     dw32 = (torch.empty if n else torch.zeros)((v, d), dtype=torch.float32, device=h.device) if need_dw else None
     if n:
         rows = _chunk_rows(n, v, d, h.element_size(), tiles)
@@ -316,7 +315,7 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles, keep_fp32: bool = 
             r1 = min(n, r0 + rows)
             g = buf[: r1 - r0]
             fill(r0, r1, g)
-            if fp32_dh:
+            if need_dh and keep_fp32:
                 _accumulate_dw(dh[r0:r1], g.t(), w, first=True)  # dh[r0:r1] = G @ W, fp32 out
             elif need_dh:
                 _mm_out(g, w, dh[r0:r1])

@@ -28,6 +28,8 @@ memory-light too), which is also the specification.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -133,8 +135,6 @@ def _tiles(h: Tensor, chunk_rows: int):
     (``chronicals.cce_chunk_rows``; 0 = the launchers' own sizing). The CPU reference ignores it."""
     if not chunk_rows:
         return None
-    import dataclasses
-
     from ..kernels import linear_cross_entropy as k
 
     return dataclasses.replace(k.default_tiles(h.dtype, h.device), chunk_rows=int(chunk_rows))
@@ -290,6 +290,10 @@ linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fus
 @torch.library.custom_op("chronicals::scale_by", mutates_args=())
 def scale_by(x: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
     """``(x * g).to(dtype)`` in x's (accumulation) dtype, ``g`` 0-dim: one rounding. CUDA: one Triton pass."""
+    return _scale_reference(x, g, dtype)
+
+
+def _scale_reference(x: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
     return (x * g.to(x.dtype)).to(dtype)
 
 
@@ -297,8 +301,8 @@ def scale_by(x: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
 def _scale_by_cuda(x, g, dtype):
     from ..kernels import linear_cross_entropy as k
 
-    if x.dtype == torch.float64:
-        return (x * g.double()).to(dtype)
+    if x.dtype == torch.float64:  # the Triton pass computes in fp32
+        return _scale_reference(x, g, dtype)
     return k.scale(x, g.float(), dtype)
 
 

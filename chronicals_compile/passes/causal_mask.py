@@ -19,18 +19,17 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_utils import NoMatch, arg, meta
+from .graph_utils import SDPA, NoMatch, arg, meta, set_arg
 from .sizes import same_size
 
 NAME = "causal_mask"
-_SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _RANDOM = {torch.rand, torch.randn, torch.randint, torch.bernoulli, torch.rand_like, torch.randn_like,
            torch.nn.functional.dropout}
 _MAX_PROBE = 8192
 
 
 def is_anchor(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _SDPA
+    return node.op == "call_function" and node.target in SDPA
 
 
 def _ancestry(mask: fx.Node) -> list[fx.Node]:
@@ -148,17 +147,8 @@ def match(sdpa: fx.Node, ctx=None):
 
 def rewrite(gm: fx.GraphModule, found, ctx) -> fx.Node:
     sdpa, mask = found
-    args = list(sdpa.args)
-    kwargs = dict(sdpa.kwargs)
-    if len(args) > 3:
-        args[3] = None
-    else:
-        kwargs["attn_mask"] = None
-    if len(args) > 5:
-        args[5] = True
-    else:
-        kwargs["is_causal"] = True
-    sdpa.args, sdpa.kwargs = tuple(args), kwargs
+    set_arg(sdpa, 3, "attn_mask", None)
+    set_arg(sdpa, 5, "is_causal", True)
     if not mask.users:
         from .graph_utils import erase_dead
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph_utils import NoMatch, arg, erase_dead, meta, op
+from .graph_utils import SDPA, NoMatch, arg, erase_dead, meta, only_users_in, op, set_arg
 from .sizes import same_size
 
 NAME = "gqa_attention"
-_SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _FULL = slice(None, None, None)
 
 
 def is_anchor(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _SDPA
+    return node.op == "call_function" and node.target in SDPA
 
 
 def _unsqueezed_at_2(node: fx.Node) -> fx.Node:
@@ -56,14 +55,14 @@ def _repeat_kv_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node], int]:
         raise NoMatch("repeat_kv shapes unknown")
     b, kv, s, d = x.shape
     groups = e.shape[2]
+    if not isinstance(groups, int):
+        raise NoMatch("symbolic group count")
     if not (same_size(e.shape[0], b) and same_size(e.shape[1], kv) and same_size(e.shape[3], s)
             and same_size(e.shape[4], d)):
         raise NoMatch("expand changes more than the group dimension")
     if not (same_size(out.shape[0], b) and same_size(out.shape[1], kv * groups) and same_size(out.shape[2], s)
             and same_size(out.shape[3], d)):
         raise NoMatch("reshape is not [B, kv_heads * groups, S, D]")
-    if not isinstance(groups, int):
-        raise NoMatch("symbolic group count")
     return source, [node, expand, unsqueezed], groups
 
 
@@ -85,28 +84,16 @@ def match(sdpa: fx.Node, ctx=None):
         raise NoMatch(f"key and value groups differ or are trivial ({k_groups}, {v_groups})")
     if q.dim() != 4 or not same_size(q.shape[1], meta(key).shape[1]):
         raise NoMatch("query heads are not the expanded key heads")
-    for n in (key, value):
-        if set(n.users) != {sdpa}:
-            raise NoMatch(f"the expanded {n.name} has other users")
-    for n in k_nodes[1:] + v_nodes[1:]:
-        if len(n.users) != 1:
-            raise NoMatch(f"{n.name} inside repeat_kv has other users")
-    return sdpa, k_src, v_src, k_nodes + v_nodes
+    interior = k_nodes + v_nodes
+    if not only_users_in(interior, {*interior, sdpa}):
+        raise NoMatch("the expanded key/value is used outside this attention")
+    return sdpa, k_src, v_src, interior
 
 
 def rewrite(gm: fx.GraphModule, found, ctx) -> fx.Node:
     sdpa, k_src, v_src, interior = found
-    args = list(sdpa.args)
-    kwargs = dict(sdpa.kwargs)
-    for index, name, new in ((1, "key", k_src), (2, "value", v_src)):
-        if index < len(args):
-            args[index] = new
-        else:
-            kwargs[name] = new
-    if len(args) > 7:
-        args[7] = True
-    else:
-        kwargs["enable_gqa"] = True
-    sdpa.args, sdpa.kwargs = tuple(args), kwargs
+    set_arg(sdpa, 1, "key", k_src)
+    set_arg(sdpa, 2, "value", v_src)
+    set_arg(sdpa, 7, "enable_gqa", True)
     erase_dead(gm, interior)
     return sdpa

@@ -80,6 +80,20 @@ def arg(node: fx.Node, index: int, name: str | None = None, default: Any = None)
     return default
 
 
+def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    """Replace argument ``index`` / keyword ``name``, wherever the call put it."""
+    if index < len(node.args):
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+#: ``F.scaled_dot_product_attention`` as Dynamo records it.
+SDPA = frozenset({torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention})
+
+
 def meta(node: Any) -> Any:
     """The fake tensor Dynamo recorded for ``node`` (None for literals and unknowns)."""
     if isinstance(node, fx.Node):

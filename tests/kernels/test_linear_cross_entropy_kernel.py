@@ -218,3 +218,14 @@ def test_fused_op_rounds_once_after_scaling_by_the_incoming_gradient():
     g = torch.tensor(0.37)
     assert h.grad.dtype == w.grad.dtype == torch.bfloat16
     assert torch.equal(h.grad, (dh * g).to(torch.bfloat16)) and torch.equal(w.grad, (dw * g).to(torch.bfloat16))
+
+
+def test_fused_keep_fp32_without_dh():
+    """keep_fp32 with need_dh=False (h needs no gradient): dW only, no write into the [0] placeholder."""
+    h, w, t, _ = case.make_inputs(21, 16, 40, torch.float16, "some", 12)
+    tiles = k.Tiles(block_n=16, block_v=32, block_d=16, group_n=2, num_warps=4, num_stages=1, chunk_rows=8,
+                    row_block=32, row_warps=4)
+    _, dh, dw32 = k.fused(h, w, t, need_dh=False, tiles=tiles, keep_fp32=True)
+    _, _, dw = k.fused(h, w, t, tiles=tiles)
+    assert dh.numel() == 0 and dw32.dtype == torch.float32
+    torch.testing.assert_close(dw32.to(torch.float16), dw, rtol=1e-3, atol=1e-6)
