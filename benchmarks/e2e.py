@@ -50,10 +50,15 @@ if REPO not in sys.path:
 #: ``chronicals``: the backend's defaults; ``chronicals-all``: also the patterns that are off by
 #: default until measured faster than Inductor (config.CUDA_OFF_BY_DEFAULT, config.OFF_BY_DEFAULT);
 #: ``chronicals-lean``: a memory budget (--lean-budget); ``chronicals-tuned``: Inductor's coordinate
-#: descent tuning of its own Triton kernels, passed through our options.
+#: descent tuning of its own Triton kernels, passed through our options; ``chronicals-cudagraphs``:
+#: Inductor's ``reduce-overhead`` mode (CUDA graphs: no launch gaps); ``chronicals-autotune``:
+#: ``max-autotune-no-cudagraphs`` (Triton GEMM templates with pointwise epilogues fused into them).
 VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
             "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
-            "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa")
+            "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
+            "chronicals-cudagraphs", "chronicals-autotune")
+#: Variants whose compiled graphs replay as CUDA graphs: each step is marked, outputs are cloned.
+CUDAGRAPH_VARIANTS = ("chronicals-cudagraphs",)
 #: Environment of a variant's worker process, set before chronicals_compile is imported.
 VARIANT_ENV = {
     # cut cross-entropy with 4096-row gradient chunks and tile logits (kernel sweep: 26.4 vs 28.1 ms,
@@ -174,6 +179,10 @@ def worker(spec: dict) -> dict:
             options["memory_budget"] = spec["lean_budget"]
         if variant == "chronicals-tuned":
             options["coordinate_descent_tuning"] = True
+        if variant == "chronicals-cudagraphs":
+            options["mode"] = "reduce-overhead"
+        if variant == "chronicals-autotune":
+            options["mode"] = "max-autotune-no-cudagraphs"
         chronicals_compile.compile(model, **options)
 
     # The same batches for every variant: a CPU generator, then moved.
@@ -201,6 +210,8 @@ def worker(spec: dict) -> dict:
         ids = ids.to(device, non_blocking=True)
         sync()
         t0 = time.perf_counter()
+        if variant in CUDAGRAPH_VARIANTS:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
         loss = loss_step(ids) if loss_step else model(input_ids=ids, labels=ids).loss
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -208,7 +219,7 @@ def worker(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t0)
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())  # a CUDA graph's output is overwritten by its next replay
         norms.append(norm.detach())
         del loss
     clocks.stop()
