@@ -350,7 +350,7 @@ def compare_losses(results: list[dict]) -> None:
 
 
 COLUMNS = ("shape", "mode", "variant", "status", "tokens/s", "real tokens/s", "step ms", "MFU",
-           "peak mem GiB", "first step s", "first loss", "final loss", "vs eager", "grad norm", "SM MHz", "W")
+           "peak mem GiB", "first step s", "first loss", "final loss", "vs eager", "grad norm", "SM MHz", "W", "deg C")
 
 
 def table_rows(results: list[dict]) -> list[dict]:
@@ -373,6 +373,7 @@ def table_rows(results: list[dict]) -> list[dict]:
                                                        f" {r.get('grad_health', '')}"),
                 "SM MHz": f"{r['sm_mhz']:.0f}" if "sm_mhz" in r else "-",
                 "W": f"{r['power_w']:.0f}" if "power_w" in r else "-",
+                "deg C": f"{r['temp_c']:.0f}" if "temp_c" in r else "-",
             })
         rows.append(row)
     return rows

@@ -2,7 +2,8 @@
 background. Why: two variants' identical GEMMs ran 5-8% apart in one session's profile
 (results/2026-12-01-h200-session4/README.md); a denser step can run at lower clocks under the power
 limit, so every timed row says what the chip ran at. Missing ``nvidia-smi`` gives no figures, never
-an error."""
+an error. Temperature rides along: variants run one after another on one chip, and a chip that
+has heated up may clock lower for the later ones."""
 from __future__ import annotations
 
 import os
@@ -14,10 +15,10 @@ class ClockSampler:
     """``with ClockSampler(index) as c: ...`` then ``c.summary()`` -> {"sm_mhz", "power_w"} or {}."""
 
     def __init__(self, index: int = 0, period_ms: int = 100):
-        self.cmd = ["nvidia-smi", "-i", str(physical_index(index)), "--query-gpu=clocks.sm,power.draw",
+        self.cmd = ["nvidia-smi", "-i", str(physical_index(index)), "--query-gpu=clocks.sm,power.draw,temperature.gpu",
                     "--format=csv,noheader,nounits", f"-lms={period_ms}"]
         self.proc: subprocess.Popen | None = None
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, ...]] = []
 
     def __enter__(self) -> "ClockSampler":
         self.start()
@@ -49,19 +50,23 @@ class ClockSampler:
         if not self.samples:
             return {}
         n = len(self.samples)
-        return {"sm_mhz": sum(s[0] for s in self.samples) / n, "power_w": sum(s[1] for s in self.samples) / n,
-                "clock_samples": n}
+        out = {"sm_mhz": sum(s[0] for s in self.samples) / n, "power_w": sum(s[1] for s in self.samples) / n,
+               "clock_samples": n}
+        temps = [s[2] for s in self.samples if len(s) > 2]
+        if temps:
+            out["temp_c"] = sum(temps) / len(temps)
+        return out
 
 
-def parse(text: str) -> list[tuple[float, float]]:
-    """Lines of ``<sm MHz>, <watts>``; anything else (a header, ``[N/A]``) is skipped."""
+def parse(text: str) -> list[tuple[float, ...]]:
+    """Lines of ``<sm MHz>, <watts>[, <deg C>]``; anything else (a header, ``[N/A]``) is skipped."""
     samples = []
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 2:
+        if len(parts) not in (2, 3):
             continue
         try:
-            samples.append((float(parts[0]), float(parts[1])))
+            samples.append(tuple(float(p) for p in parts))
         except ValueError:
             continue
     return samples

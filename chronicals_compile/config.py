@@ -33,9 +33,6 @@ CUDA_OFF_BY_DEFAULT = {
 OFF_BY_DEFAULT = {
     "add_rms_norm": "forward+backward 0.90-1.00x Inductor's own fusion of the residual add into its "
                     "norm on the H200 (benchmarks/results/2026-11-28-h200-session3/micro.md)",
-    "gqa_attention": "not yet measured on a GPU: SDPA chooses its kernel by its arguments, and a "
-                     "backend that declines enable_gqa would hand attention to a slower one "
-                     "(benchmarks/bench_attention.py and the e2e variant chronicals-gqa measure it)",
 }
 
 #: Patterns never applied on CUDA, even when enabled: the reason names what goes wrong there.

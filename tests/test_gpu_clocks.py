@@ -19,6 +19,14 @@ def test_summary_is_the_mean():
     assert c.summary() == {"sm_mhz": 1880.0, "power_w": 650.0, "clock_samples": 2}
 
 
+def test_temperature_is_read_when_present():
+    assert gpu_clocks.parse("1980, 612.35, 41\n1755, 700.10, 63\n") == [(1980.0, 612.35, 41.0),
+                                                                      (1755.0, 700.10, 63.0)]
+    c = gpu_clocks.ClockSampler()
+    c.samples = [(1980.0, 600.0, 40.0), (1780.0, 700.0, 60.0)]
+    assert c.summary()["temp_c"] == 50.0
+
+
 def test_no_nvidia_smi_gives_no_figures(monkeypatch):
     monkeypatch.setattr(gpu_clocks.shutil, "which", lambda name: None)
     with gpu_clocks.ClockSampler() as c:
