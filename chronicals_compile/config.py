@@ -12,7 +12,8 @@ from typing import Any, Iterable, Literal
 PREFIX = "chronicals."
 
 #: Pattern names, as reported by ``explain`` and accepted by ``disable``.
-PATTERNS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask", "gqa_attention")
+PATTERNS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask", "gqa_attention",
+            "gate_recompute")
 
 LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 

@@ -14,27 +14,29 @@ import transformers
 
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
 
-CORE = {"causal_mask": 2, "linear_cross_entropy": 1}
+CORE = {"causal_mask": 2, "gqa_attention": 2, "linear_cross_entropy": 1}
+#: the gated product recomputed in backward: every gated MLP whose product feeds a linear
+GATE = {"gate_recompute": 2}
 #: architecture -> swaps for 2 layers (rms_norm 2L+1 = 5; 9 with per-head q/k norms)
 EXPECTED = {
-    "Qwen3": {**CORE, "rms_norm": 9, "swiglu": 2, "rope": 2},
-    "Gemma": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},            # (1 + w) norm, tanh-GELU gate
-    "Olmo2": {**CORE, "rms_norm": 9, "swiglu": 2, "rope": 2},            # norms after the blocks, q/k norms
-    "Granite": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},          # residual and logit multipliers
-    "Phi3": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},             # fused qkv and gate_up projections
-    "SmolLM3": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},
-    "Glm": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},              # interleaved pairs, partial rotary
-    "Glm4": {**CORE, "rms_norm": 9, "swiglu": 2, "rope": 2},             # the same, with sandwich norms
-    "Helium": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},           # interleaved pairs
-    "Cohere": {**CORE, "swiglu": 2, "rope": 2},                          # LayerNorm, logit scale, interleaved
-    "StableLm": {**CORE, "swiglu": 2, "rope": 2},                        # LayerNorm, partial rotary
+    "Qwen3": {**CORE, **GATE, "rms_norm": 9, "swiglu": 2, "rope": 2},
+    "Gemma": {**CORE, **GATE, "rms_norm": 5, "swiglu": 2, "rope": 2},            # (1 + w) norm, tanh-GELU gate
+    "Olmo2": {**CORE, **GATE, "rms_norm": 9, "swiglu": 2, "rope": 2},            # norms after the blocks, q/k norms
+    "Granite": {**CORE, **GATE, "rms_norm": 5, "swiglu": 2, "rope": 2},          # residual and logit multipliers
+    "Phi3": {**CORE, **GATE, "rms_norm": 5, "swiglu": 2, "rope": 2},             # fused qkv and gate_up projections
+    "SmolLM3": {**CORE, **GATE, "rms_norm": 5, "swiglu": 2, "rope": 2},
+    "Glm": {**CORE, **GATE, "rms_norm": 5, "swiglu": 2, "rope": 2},              # interleaved pairs, partial rotary
+    "Glm4": {**CORE, **GATE, "rms_norm": 9, "swiglu": 2, "rope": 2},             # the same, with sandwich norms
+    "Helium": {**CORE, **GATE, "rms_norm": 5, "swiglu": 2, "rope": 2},           # interleaved pairs
+    "Cohere": {**CORE, **GATE, "swiglu": 2, "rope": 2},                          # LayerNorm, logit scale, interleaved
+    "StableLm": {**CORE, **GATE, "swiglu": 2, "rope": 2},                        # LayerNorm, partial rotary
     "Starcoder2": {**CORE, "rope": 2},                                   # LayerNorm, GELU MLP
-    "Qwen2Moe": {**CORE, "rms_norm": 5, "swiglu": 4, "rope": 2},         # experts + shared expert
-    "Mixtral": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},
-    "Exaone4": {**CORE, "rms_norm": 9, "swiglu": 2, "rope": 2},
+    "Qwen2Moe": {**CORE, **GATE, "rms_norm": 5, "swiglu": 4, "rope": 2},  # experts + shared expert (only its product feeds a linear)
+    "Mixtral": {**CORE, "rms_norm": 5, "swiglu": 2, "rope": 2},          # experts: no linear after the product
+    "Exaone4": {**CORE, **GATE, "rms_norm": 9, "swiglu": 2, "rope": 2},
     "Arcee": {**CORE, "rms_norm": 5, "rope": 2},                         # relu^2 MLP: no gate
     # eager attention (no SDPA in transformers for it): no mask pass; the loss has a tanh soft-cap
-    "Gemma2": {"rms_norm": 9, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1},
+    "Gemma2": {"rms_norm": 9, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1, **GATE},
 }
 #: architectures transformers runs with its own attention code only
 EAGER_ATTENTION = {"Gemma2"}

@@ -21,8 +21,8 @@ from .graph_utils import NoMatch, describe
 log = logging.getLogger("chronicals_compile")
 
 #: Order matters: later passes see the earlier ones' ops (e.g. CE after norms).
-PASS_MODULES = ("causal_mask", "gqa_attention", "rms_norm", "add_rms_norm", "swiglu", "rope",
-                "linear_cross_entropy")
+PASS_MODULES = ("causal_mask", "gqa_attention", "rms_norm", "add_rms_norm", "swiglu", "gate_recompute",
+                "rope", "linear_cross_entropy")
 
 
 @dataclasses.dataclass

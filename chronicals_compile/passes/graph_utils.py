@@ -39,6 +39,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.stack: "stack", torch.flatten: "flatten",
     torch.tanh: "tanh", torch.sigmoid: "sigmoid",
     torch.nn.functional.silu: "silu", torch.nn.functional.gelu: "gelu",
+    torch.nn.functional.relu: "relu", torch.relu: "relu", torch.nn.functional.dropout: "dropout",
     torch.nn.functional.linear: "linear", torch._C._nn.linear: "linear",
     torch.nn.functional.cross_entropy: "cross_entropy",
     torch.unsqueeze: "unsqueeze", torch.reshape: "reshape",
@@ -51,7 +52,7 @@ _METHODS = {
     "sigmoid": "sigmoid", "to": "to", "float": "float", "type": "type", "type_as": "type_as",
     "view": "view", "reshape": "reshape", "unsqueeze": "unsqueeze", "contiguous": "contiguous",
     "chunk": "chunk", "split": "split", "transpose": "transpose", "expand": "expand",
-    "flatten": "flatten",
+    "flatten": "flatten", "relu": "relu",
 }
 
 
