@@ -75,6 +75,10 @@ def is_anchor(node: fx.Node) -> bool:
 
 
 def match(node: fx.Node, ctx=None) -> list[fx.Node]:
+    if ctx is not None and node.graph is not ctx.root.graph:
+        # a nested body (an activation-checkpointed layer): recomputed whole already, and its own
+        # region ids would collide with ours
+        raise NoMatch("inside a nested (checkpointed) body", quiet=True)
     if node.target in _fused_gates():
         tagged = [node]
     else:

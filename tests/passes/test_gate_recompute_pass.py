@@ -104,3 +104,30 @@ def test_a_users_joint_pass_is_kept_and_keys_the_cache_with_ours():
     assert chained.uuid() == ("user-pass", gate_recompute.CACHE_KEY.uuid())
     listed = gate_recompute.joint_pass_patch({"joint_custom_pre_pass": [user]})["joint_custom_pre_pass"]
     assert listed == [user, gate_recompute.CACHE_KEY]
+
+
+def test_checkpointed_layers_are_left_to_checkpointing():
+    model = tiny_model("qwen2", layers=LAYERS)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), options={"compiler": "aot_eager"})
+    assert "gate_recompute" not in report.swaps, str(report)
+    assert report.swaps.get("linear_cross_entropy") == 1, str(report)
+    assert_same_training_step(eager, compiled)
+
+
+def test_dynamic_shapes_keep_the_saving():
+    base = tiny_model("llama", layers=LAYERS, intermediate=INTERMEDIATE)
+    batch = random_batch(seq=20)
+    eager = loss_and_grads(copy.deepcopy(base), batch)
+    held = {}
+    for label, disable in (("on", ["swiglu"]), ("off", ["swiglu", "gate_recompute"])):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        report = chronicals_compile.explain(model, options={"disable": disable}, dynamic=True, **batch)
+        held[label] = saved_bytes(report.output.loss)
+        report.output.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert_same_training_step(eager, (report.output.loss.detach(), grads))
+    # at least the products (the symbolic partition also moves a few small tensors)
+    assert held["off"] - held["on"] >= LAYERS * batch["input_ids"].numel() * INTERMEDIATE * 4, held
