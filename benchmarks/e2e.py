@@ -120,6 +120,11 @@ def _cce_loss_step(model, variant: str, device: str):
 def worker(spec: dict) -> dict:
     import torch
 
+    if spec.get("precompile"):
+        # fill the compile caches only: leave kernel-config benchmarking (done at a kernel's first
+        # launch, on a GPU shared with other precompiling workers) to the timed run
+        torch._inductor.config.autotune_local_cache = False
+
     from chronicals_compile.cli import metrics, presets
 
     device = spec["device"]
@@ -326,6 +331,51 @@ def run_variant(spec: dict, timeout: float) -> dict:
     return {**base, "status": status, "wall_s": wall}
 
 
+#: Variants whose compiled code does not depend on timings taken while compiling (max-autotune
+#: picks GEMM templates by benchmarking them: compiled beside other workers, it would choose under
+#: contention), so compiling them ahead, several at once, changes nothing but the first step.
+PRECOMPILABLE = tuple(v for v in VARIANTS if v not in ("eager", "liger", "chronicals-autotune"))
+
+
+def precompile(specs: list[dict], concurrency: int, timeout: float) -> float:
+    """One untimed step of each compiled variant, ``concurrency`` processes at a time, so that the
+    timed runs find their graphs in Inductor's and AOTAutograd's on-disk caches: a cold H200 host
+    spent 50-60 s compiling each variant, one after another (session 5). Returns the seconds spent."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    pending = [dict(spec, steps=1, warmup=0, precompile=True) for spec in specs if spec["variant"] in PRECOMPILABLE]
+    running: list[tuple[subprocess.Popen, float]] = []
+
+    def stop_workers(signum, frame):  # killed from outside (a stage's timeout): take the workers along
+        for proc, _ in running:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop_workers)
+    try:
+        _drain(pending, running, concurrency, timeout, env)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return time.perf_counter() - t0
+
+
+def _drain(pending: list[dict], running: list, concurrency: int, timeout: float, env: dict) -> None:
+    while pending or running:
+        while pending and len(running) < concurrency:
+            spec = pending.pop(0)
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+            running.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                             start_new_session=True), time.perf_counter()))
+        time.sleep(0.5)
+        for proc, started in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, started))
+            elif time.perf_counter() - started > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                running.remove((proc, started))
+
+
 def compare_losses(results: list[dict]) -> None:
     """Attach each run's loss difference to eager's (same shape and mode) and a verdict."""
     eager = {(r["shape"], r["mode"]): r for r in results if r["variant"] == "eager" and r["status"] == "ok"}
@@ -410,6 +460,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 10; 3 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compile included (default 3; 2 with --tiny)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per variant before it is killed (default 600)")
+    p.add_argument("--precompile", type=int, default=0, metavar="N",
+                   help="first compile every compiled variant untimed, N processes at a time (0: off); "
+                        "the timed runs then load their graphs from the compile caches")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                    help="weights and compute (default bfloat16 on GPU, float32 on CPU)")
@@ -473,29 +526,32 @@ def main(argv=None) -> int:
     print("e2e: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     write = _writer(args, argv, env, device, dtype, steps, warmup)
     results = []
-    for shape in shapes:
-        preset, batch, seq = SHAPES[shape]
-        for mode in modes:
-            for variant in variants:
-                spec = {"shape": shape, "mode": mode, "variant": variant, "preset": preset, "batch": batch,
-                        "seq": seq, "device": device, "dtype": dtype, "steps": steps, "warmup": warmup,
-                        "seed": args.seed, "lr": args.lr, "gradient_checkpointing": args.gradient_checkpointing,
-                        "chronicals_compiler": args.chronicals_compiler, "lean_budget": args.lean_budget,
-                        "lora_adapter_dtype": args.lora_adapter_dtype,
-                        "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else None}
-                r = run_variant(spec, args.timeout)
-                r["dtype"] = dtype
-                results.append(r)
-                if r["status"] == "ok":
-                    print(f"e2e: {shape} {mode} {variant}: {r['tokens_per_s']:,.0f} tok/s, step {r['step_ms']:.1f} ms, "
-                          f"peak {common_mem(r)}, loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, "
-                          f"first step {r['first_step_s']:.1f} s ({r['wall_s']:.0f} s wall)", flush=True)
-                else:
-                    print(f"e2e: {shape} {mode} {variant}: {r['status']} ({r.get('wall_s', 0):.0f} s wall)", flush=True)
-                    for line in r.get("stderr_tail", [])[-6:]:
-                        print(f"      {line}", flush=True)
-                compare_losses(results)
-                write(results, final=False)  # a run cut short by a time limit keeps what it measured
+    specs = [{"shape": shape, "mode": mode, "variant": variant, "preset": SHAPES[shape][0], "batch": SHAPES[shape][1],
+              "seq": SHAPES[shape][2], "device": device, "dtype": dtype, "steps": steps, "warmup": warmup,
+              "seed": args.seed, "lr": args.lr, "gradient_checkpointing": args.gradient_checkpointing,
+              "chronicals_compiler": args.chronicals_compiler, "lean_budget": args.lean_budget,
+              "lora_adapter_dtype": args.lora_adapter_dtype,
+              "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else None}
+             for shape in shapes for mode in modes for variant in variants]
+    if args.precompile > 0:
+        spent = precompile(specs, args.precompile, args.timeout)
+        print(f"e2e: precompiled {sum(s['variant'] in PRECOMPILABLE for s in specs)} variant(s), "
+              f"{args.precompile} at a time, in {spent:.0f} s", flush=True)
+    for spec in specs:
+        shape, mode, variant = spec["shape"], spec["mode"], spec["variant"]
+        r = run_variant(spec, args.timeout)
+        r["dtype"] = dtype
+        results.append(r)
+        if r["status"] == "ok":
+            print(f"e2e: {shape} {mode} {variant}: {r['tokens_per_s']:,.0f} tok/s, step {r['step_ms']:.1f} ms, "
+                  f"peak {common_mem(r)}, loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, "
+                  f"first step {r['first_step_s']:.1f} s ({r['wall_s']:.0f} s wall)", flush=True)
+        else:
+            print(f"e2e: {shape} {mode} {variant}: {r['status']} ({r.get('wall_s', 0):.0f} s wall)", flush=True)
+            for line in r.get("stderr_tail", [])[-6:]:
+                print(f"      {line}", flush=True)
+        compare_losses(results)
+        write(results, final=False)  # a run cut short by a time limit keeps what it measured
     write(results, final=True)
     return 0
 
@@ -511,8 +567,10 @@ def _writer(args, argv, env: dict, device: str, dtype: str, steps: int, warmup: 
                "linear weights + 12 x layers x d_attn x seq (PaLM attention term); peak "
                + (f"{args.peak_tflops:g} TFLOP/s (given)" if args.peak_tflops else
                   "by GPU name (H200/H100 989 TFLOP/s dense bf16)"))
+    cached = (f"; compiled variants were first compiled untimed, {args.precompile} at a time (--precompile), so "
+              "it loads them from the compile caches" if args.precompile else "")
     notes = (f"{steps} timed steps after {warmup} warm-up step(s), median step time; first step s = the first "
-             f"warm-up step (compilation included). Random weights and tokens (seed {args.seed}), {dtype}, sdpa "
+             f"warm-up step (compilation included{cached}). Random weights and tokens (seed {args.seed}), {dtype}, sdpa "
              f"attention, AdamW(fused=True) lr {args.lr:g}, grad clipping 1.0; LoRA: r={LORA_R}, alpha={2 * LORA_R}, "
              f"all linear projections, adapter weights {args.lora_adapter_dtype}. chronicals-lean: memory_budget {args.lean_budget:g}. Each variant in its own process. Loss check: first-step loss within "
              f"{FIRST_LOSS_RTOL[dtype]:.0%} and final loss within {FINAL_LOSS_RTOL[dtype]:.0%} of eager's "

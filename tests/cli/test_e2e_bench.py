@@ -40,3 +40,36 @@ def test_e2e_tiny_cpu(tmp_path):
                              str(tmp_path / "e2e-test.json")], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert redraw.returncode == 0, redraw.stdout + redraw.stderr
     assert (tmp_path / "e2e-test-throughput.png").stat().st_size > 1000
+
+
+def test_precompile_launches_each_compiled_variant_once_untimed(monkeypatch):
+    """Only variants whose compiled code is timing-independent are compiled ahead, each as one
+    untimed step flagged ``precompile``, never more than ``concurrency`` at once."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import e2e
+
+    launched, alive = [], []
+
+    class FakeProc:
+        def __init__(self, cmd, **kwargs):
+            self.spec = json.loads(cmd[cmd.index("--worker") + 1])
+            self.pid, self.polls = 0, 0
+            launched.append(self.spec)
+            alive.append(self)
+            assert len(alive) <= 2, "more workers than the concurrency"
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            alive.remove(self)
+            return 0
+
+    monkeypatch.setattr(e2e.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(e2e.time, "sleep", lambda s: None)
+    specs = [{"variant": v, "steps": 10, "warmup": 3} for v in
+             ("eager", "inductor", "liger", "chronicals", "chronicals-autotune", "chronicals-gqa")]
+    e2e.precompile(specs, concurrency=2, timeout=60)
+    assert [s["variant"] for s in launched] == ["inductor", "chronicals", "chronicals-gqa"]
+    assert all(s["steps"] == 1 and s["warmup"] == 0 and s["precompile"] for s in launched)
+    assert not alive
