@@ -26,7 +26,8 @@ CUDA_OFF_BY_DEFAULT = {
     "swiglu": "at parity with Inductor (1.00x, both at copy bandwidth) on the H200: nothing to win "
               "(benchmarks/results/2026-11-28-h200-session2/micro.md)",
     "rope": "2.8-3.6x Inductor alone, yet the whole step with rms_norm/swiglu/rope on was 1.1% slower "
-            "than without them (benchmarks/results/2026-11-28-h200-session2/e2e.md)",
+            "than without them (benchmarks/results/2026-11-28-h200-session2/e2e.md); rope alone in the "
+            "step not measured yet (benchmarks/e2e.py variant chronicals-rope)",
 }
 
 
