@@ -57,8 +57,9 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
             "chronicals-cudagraphs", "chronicals-autotune")
-#: Variants whose compiled graphs replay as CUDA graphs: each step is marked, outputs are cloned.
-CUDAGRAPH_VARIANTS = ("chronicals-cudagraphs",)
+#: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
+#: steps is marked (outputs are cloned for every variant).
+VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-autotune": "max-autotune-no-cudagraphs"}
 #: Environment of a variant's worker process, set before chronicals_compile is imported.
 VARIANT_ENV = {
     # cut cross-entropy with 4096-row gradient chunks and tile logits (kernel sweep: 26.4 vs 28.1 ms,
@@ -184,10 +185,8 @@ def worker(spec: dict) -> dict:
             options["memory_budget"] = spec["lean_budget"]
         if variant == "chronicals-tuned":
             options["coordinate_descent_tuning"] = True
-        if variant == "chronicals-cudagraphs":
-            options["mode"] = "reduce-overhead"
-        if variant == "chronicals-autotune":
-            options["mode"] = "max-autotune-no-cudagraphs"
+        if variant in VARIANT_MODE:
+            options["mode"] = VARIANT_MODE[variant]
         chronicals_compile.compile(model, **options)
 
     # The same batches for every variant: a CPU generator, then moved.
@@ -215,7 +214,7 @@ def worker(spec: dict) -> dict:
         ids = ids.to(device, non_blocking=True)
         sync()
         t0 = time.perf_counter()
-        if variant in CUDAGRAPH_VARIANTS:
+        if VARIANT_MODE.get(variant) == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
         loss = loss_step(ids) if loss_step else model(input_ids=ids, labels=ids).loss
         loss.backward()

@@ -44,24 +44,14 @@ CUDA_DEFAULT_OFF = ["rms_norm", "swiglu", "rope"]
 
 def held_tensors(loss) -> list:
     """Every distinct tensor the autograd graph behind ``loss`` saved (one per storage)."""
-    seen_fns, seen_storage, out, stack = set(), set(), [], [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen_fns:
-            continue
-        seen_fns.add(fn)
-        try:
-            tensors = fn.saved_tensors
-        except (AttributeError, RuntimeError):
-            tensors = ()
-        for t in tensors:
-            if t is None:
-                continue
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in seen_storage:
-                seen_storage.add(key)
-                out.append(t)
-        stack.extend(f for f, _ in fn.next_functions)
+    from chronicals_compile.testing.saved import saved_tensors
+
+    seen, out = set(), []
+    for t in saved_tensors(loss):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
     return out
 
 

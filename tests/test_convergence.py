@@ -8,21 +8,10 @@ import torch
 
 import chronicals_compile
 from chronicals_compile.testing import random_batch, tiny_model
+from chronicals_compile.testing.equivalence import train_losses
 
 STEPS = 30
 LR = 3e-3
-
-
-def _train(model, batches, lr=LR):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach().float())
-    return torch.stack(losses)
 
 
 def _batches(seq=24):
@@ -35,8 +24,8 @@ def _run(family, dtype):
     base = tiny_model(family, dtype=dtype, layers=2)
     compiled = chronicals_compile.compile(copy.deepcopy(base), compiler="aot_eager")
     batches = _batches()
-    eager_losses = _train(base, batches)
-    ours = _train(compiled, batches)
+    eager_losses = train_losses(base, batches, lr=LR)
+    ours = train_losses(compiled, batches, lr=LR)
     return base, compiled, eager_losses, ours
 
 
@@ -67,9 +56,9 @@ def test_bf16_training_stays_as_close_to_fp32_as_eager_bf16():
     bf16 = copy.deepcopy(ref_model).to(torch.bfloat16)
     ours_model = chronicals_compile.compile(copy.deepcopy(bf16), compiler="aot_eager")
     batches = _batches()
-    ref = _train(ref_model, batches)
-    eager = _train(bf16, batches)
-    ours = _train(ours_model, batches)
+    ref = train_losses(ref_model, batches, lr=LR)
+    eager = train_losses(bf16, batches, lr=LR)
+    ours = train_losses(ours_model, batches, lr=LR)
     assert torch.isfinite(ours).all()
     eager_gap = (eager - ref).abs()
     ours_gap = (ours - ref).abs()

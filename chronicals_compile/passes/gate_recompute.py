@@ -31,7 +31,8 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .graph_utils import NoMatch, arg, meta, op, other_operand
+from .graph_utils import NoMatch, arg, meta, op
+from .swiglu import _is_silu_product
 
 NAME = "gate_recompute"
 #: Bumped whenever the choice of tagged nodes changes, so old cache entries are not reused.
@@ -51,11 +52,9 @@ def _activation_interior(x: Any) -> list[fx.Node] | None:
         return None
     if op(x) in _ACTIVATIONS:
         return [x]
-    if op(x) == "mul":  # a * sigmoid(a)
-        for operand in x.args[:2]:
-            if op(operand) == "sigmoid" and len(operand.users) == 1 and \
-                    other_operand(x, operand) is arg(operand, 0, "input"):
-                return [operand, x]
+    for operand in x.args[:2]:  # a * sigmoid(a)
+        if op(operand) == "sigmoid" and len(operand.users) == 1 and _is_silu_product(x, operand):
+            return [operand, x]
     return None
 
 

@@ -63,3 +63,20 @@ def compile_and_capture(module: torch.nn.Module, *inputs: Any, dynamic: bool | N
     with collecting() as report:
         out = torch.compile(module, backend=backend, dynamic=dynamic)(*inputs)
     return report, graphs, out
+
+
+def train_losses(model: torch.nn.Module, batches, *, lr: float, cuda_graphs: bool = False) -> torch.Tensor:
+    """AdamW steps over ``batches``; the fp32 loss of each step, stacked. With ``cuda_graphs`` each
+    step is marked for CUDA-graph trees (``mode="reduce-overhead"``); losses are always cloned,
+    since a graph's output is overwritten by its next replay."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for batch in batches:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float().clone())
+    return torch.stack(losses)

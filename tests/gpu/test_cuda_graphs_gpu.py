@@ -8,22 +8,9 @@ import torch
 
 import chronicals_compile
 from chronicals_compile.testing import random_batch, tiny_model
+from chronicals_compile.testing.equivalence import train_losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (tests/gpu)")
-
-
-def _train(model, batches, compiled: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for batch in batches:
-        if compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach().clone())
-    return torch.stack(losses)
 
 
 def test_reduce_overhead_trains_like_eager():
@@ -31,9 +18,9 @@ def test_reduce_overhead_trains_like_eager():
     base = tiny_model("llama", layers=2, hidden=128, heads=8, kv_heads=2).cuda()
     batches = [{k: v.cuda() for k, v in random_batch(seq=64, seed=s).items()} for s in range(4)]
     eager_model, ours = copy.deepcopy(base), copy.deepcopy(base)
-    eager = _train(eager_model, batches, compiled=False)
+    eager = train_losses(eager_model, batches, lr=1e-3)
     chronicals_compile.compile(ours, mode="reduce-overhead")
-    compiled = _train(ours, batches, compiled=True)
+    compiled = train_losses(ours, batches, lr=1e-3, cuda_graphs=True)
     assert torch.isfinite(compiled).all()
     torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-4)
     for (name, p), q in zip(ours.named_parameters(), eager_model.parameters()):

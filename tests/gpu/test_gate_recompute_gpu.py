@@ -8,26 +8,11 @@ import torch
 import chronicals_compile
 from chronicals_compile.testing import random_batch, tiny_model
 from chronicals_compile.testing.equivalence import assert_same_training_step, loss_and_grads
+from chronicals_compile.testing.saved import saved_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (tests/gpu)")
 
 LAYERS, INTERMEDIATE = 2, 384
-
-
-def _held_for_backward(loss: torch.Tensor) -> int:
-    seen, total, stack = set(), 0, [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        try:
-            tensors = fn.saved_tensors
-        except (AttributeError, RuntimeError):
-            tensors = ()
-        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        stack.extend(f for f, _ in fn.next_functions)
-    return total
 
 
 @pytest.mark.parametrize("enable", [[], ["swiglu"]], ids=["inductor-gate", "chronicals-swiglu"])
@@ -41,7 +26,7 @@ def test_gate_recompute_on_cuda(enable):
         model = copy.deepcopy(base)
         report = chronicals_compile.explain(model, options={"enable": enable, "disable": disable}, **batch)
         assert report.swaps.get("gate_recompute", 0) == (LAYERS if label == "on" else 0), str(report)
-        held[label] = _held_for_backward(report.output.loss)
+        held[label] = saved_bytes(report.output.loss)
         report.output.loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         assert_same_training_step(eager, (report.output.loss.detach(), grads), rtol=2e-3, atol=2e-4)

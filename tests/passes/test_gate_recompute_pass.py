@@ -11,25 +11,9 @@ import chronicals_compile
 from chronicals_compile.passes import gate_recompute
 from chronicals_compile.testing import random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager, loss_and_grads
+from chronicals_compile.testing.saved import saved_bytes
 
 LAYERS, INTERMEDIATE = 2, 256
-
-
-def saved_bytes(loss: torch.Tensor) -> int:
-    """Bytes the autograd graph behind ``loss`` holds for backward (compiled graphs included)."""
-    seen, total, stack = set(), 0, [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        try:
-            tensors = fn.saved_tensors
-        except (AttributeError, RuntimeError):
-            tensors = ()
-        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        stack.extend(f for f, _ in fn.next_functions)
-    return total
 
 
 def _compiled_step(model, batch, options):

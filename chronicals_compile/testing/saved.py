@@ -1,0 +1,29 @@
+"""What an autograd graph holds for backward: the tensors its nodes saved, compiled graphs
+included (AOTAutograd saves through ``ctx.save_for_backward``, which ``grad_fn.saved_tensors``
+reads back). Used by the recompute tests and ``benchmarks/saved_activations.py``."""
+from __future__ import annotations
+
+import torch
+
+
+def saved_tensors(loss: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor saved by a node of the graph behind ``loss``, node by node (a tensor two nodes
+    saved appears twice; callers that count storage dedupe)."""
+    seen, out, stack = set(), [], [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        try:
+            tensors = fn.saved_tensors
+        except (AttributeError, RuntimeError):
+            tensors = ()
+        out.extend(t for t in tensors if t is not None)
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
+
+
+def saved_bytes(loss: torch.Tensor) -> int:
+    """Bytes of ``saved_tensors(loss)``, each saved tensor counted at its own size."""
+    return sum(t.numel() * t.element_size() for t in saved_tensors(loss))
