@@ -56,10 +56,11 @@ if REPO not in sys.path:
 VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
             "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
-            "chronicals-cudagraphs", "chronicals-autotune")
+            "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
-VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-autotune": "max-autotune-no-cudagraphs"}
+VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
+                "chronicals-autotune": "max-autotune-no-cudagraphs"}
 #: Environment of a variant's worker process, set before chronicals_compile is imported.
 VARIANT_ENV = {
     # cut cross-entropy with 4096-row gradient chunks and tile logits (kernel sweep: 26.4 vs 28.1 ms,
@@ -177,7 +178,7 @@ def worker(spec: dict) -> dict:
             "compiler": spec["chronicals_compiler"]}
         if variant == "chronicals-all":
             options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
-        if variant == "chronicals-rope":  # our RoPE alone (2.8-3.6x Inductor's in the micro benchmark)
+        if variant in ("chronicals-rope", "chronicals-rope-cudagraphs"):  # our RoPE alone (2.8-3.6x Inductor's in the micro benchmark)
             options["enable"] = ["rope"]
         if variant == "chronicals-gqa":  # SDPA reads the unexpanded k/v (enable_gqa), off by default
             options["enable"] = ["gqa_attention"]
@@ -399,7 +400,7 @@ def compare_losses(results: list[dict]) -> None:
 
 
 COLUMNS = ("shape", "mode", "variant", "status", "tokens/s", "real tokens/s", "step ms", "MFU",
-           "peak mem GiB", "first step s", "first loss", "final loss", "vs eager", "grad norm", "SM MHz", "W", "deg C")
+           "peak mem GiB", "first step s", "first loss", "final loss", "vs eager", "grad norm", "SM MHz", "W", "deg C", "clock reasons")
 
 
 def table_rows(results: list[dict]) -> list[dict]:
@@ -423,6 +424,7 @@ def table_rows(results: list[dict]) -> list[dict]:
                 "SM MHz": f"{r['sm_mhz']:.0f}" if "sm_mhz" in r else "-",
                 "W": f"{r['power_w']:.0f}" if "power_w" in r else "-",
                 "deg C": f"{r['temp_c']:.0f}" if "temp_c" in r else "-",
+                "clock reasons": r.get("clock_reasons", "-"),
             })
         rows.append(row)
     return rows

@@ -20,7 +20,7 @@
 #   attention=90    grouped-query attention fwd+bwd: expanded k/v vs enable_gqa, per SDPA backend
 #   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
 #   e2e-levers=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-cudagraphs (reduce-overhead)
-#   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), chronicals-cudagraphs
+#   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
 #   e2e-autotune=420  the same: inductor beside chronicals-autotune (max-autotune-no-cudagraphs; long compiles)
 #   row-sweep=120   the fused mode's row kernel by launch shape, then the fused op by chunk rows
 #   e2e-cce=300     Qwen0.5B 8x2048 full FT: inductor beside chronicals with each gradient chunk size, -lean, -tuned
@@ -89,7 +89,7 @@ for stage in "${stages[@]}"; do
     e2e-levers) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_levers \
            --variants inductor,chronicals,chronicals-gqa,chronicals-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
     e2e-rope) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_rope \
-           --variants inductor,chronicals,chronicals-rope,chronicals-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
+           --variants inductor,chronicals,chronicals-rope,chronicals-cudagraphs,chronicals-rope-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
     e2e-autotune) timeout "${secs:-420}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_autotune \
            --variants inductor,chronicals-autotune 2>&1 | grep "^e2e:\|^|" ;;
     row-sweep) timeout "${secs:-120}" python3 benchmarks/bench_linear_cross_entropy.py --row-sweep 2>&1 \
