@@ -178,7 +178,7 @@ def worker(spec: dict) -> dict:
             "compiler": spec["chronicals_compiler"]}
         if variant == "chronicals-all":
             options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
-        if variant in ("chronicals-rope", "chronicals-rope-cudagraphs"):  # our RoPE alone (2.8-3.6x Inductor's in the micro benchmark)
+        if variant in ("chronicals-rope", "chronicals-rope-cudagraphs"):  # rope on by default since session 6: these name it for older defaults
             options["enable"] = ["rope"]
         if variant == "chronicals-gqa":  # SDPA reads the unexpanded k/v (enable_gqa), off by default
             options["enable"] = ["gqa_attention"]

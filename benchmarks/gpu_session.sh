@@ -15,6 +15,7 @@
 #   e2e-ours=300    Qwen0.5B 8x2048 full FT: inductor beside chronicals, chronicals-all, -lean, -tuned, -bigchunk, -lowmem
 #   e2e-all-lean=240  the same with every kernel on, and with memory_budget 0.5
 #   e2e-lora-bf16=480  LoRA r=32 with adapter weights in bf16 (peft's default is fp32): eager, inductor, liger, chronicals
+#                   ($E2E_LORA_VARIANTS overrides the list)
 #   lce-peers=300   cut cross-entropy against eager, compile, Liger, Apple CCE at the three issue shapes
 #   lce-chunks=150  cut cross-entropy chunk sizes (memory against speed), both logits modes
 #   attention=90    grouped-query attention fwd+bwd: expanded k/v vs enable_gqa, per SDPA backend
@@ -76,7 +77,7 @@ for stage in "${stages[@]}"; do
     e2e-all-lean) timeout "${secs:-240}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_all_lean \
            --variants chronicals-all,chronicals-lean 2>&1 | grep "^e2e:\|^|" ;;
     e2e-lora-bf16) timeout "${secs:-480}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora_bf16 \
-           --lora-adapter-dtype model --variants eager,inductor,liger,chronicals 2>&1 | grep "^e2e:\|^|" ;;
+           --lora-adapter-dtype model --variants "${E2E_LORA_VARIANTS:-eager,inductor,liger,chronicals}" 2>&1 | grep "^e2e:\|^|" ;;
     lce-peers) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py --budget $(( ${secs:-300} - 30 )) \
            --shapes 32768,4096,128256 16384,896,151936 8192,2304,256000 2>&1 \
            | grep -v Warning | tee "$OUT/lce.md" | tail -40 ;;

@@ -20,14 +20,13 @@ LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 #: Patterns that stay off by default on CUDA because the last GPU measurement did not show our
 #: kernel beating Inductor's own fusion of the same chain (the issue's rule: swap by default only
 #: where ours wins). ``enable=[...]`` turns them on. Each entry says where the figures are.
+#: ``rope`` left this table after it won in the whole step: 135.4k -> 136.7k tok/s alone and
+#: 137.1k -> 139.9k beside CUDA graphs (benchmarks/results/2026-12-01-h200-session6/e2e_rope.md).
 CUDA_OFF_BY_DEFAULT = {
     "rms_norm": "forward+backward 0.88-1.09x Inductor's fusion of the same function on the H200, "
                 "0.88x at Qwen2.5-0.5B's width 896 (benchmarks/results/2026-11-28-h200-session3/micro.md)",
     "swiglu": "at parity with Inductor (1.00x, both at copy bandwidth) on the H200: nothing to win "
               "(benchmarks/results/2026-11-28-h200-session2/micro.md)",
-    "rope": "2.8-3.6x Inductor alone, yet the whole step with rms_norm/swiglu/rope on was 1.1% slower "
-            "than without them (benchmarks/results/2026-11-28-h200-session2/e2e.md); rope alone in the "
-            "step not measured yet (benchmarks/e2e.py variant chronicals-rope)",
 }
 
 
