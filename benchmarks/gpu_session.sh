@@ -11,6 +11,7 @@
 #   e2e-lora=540    the same shape with LoRA r=32: eager, inductor, liger, cce-exact, chronicals
 #                   (LoRA compiles take about 80 s each on the H200 host)
 #   e2e-long=540    Qwen0.5B 16x4096 full FT: eager and inductor (expected to run out of memory), liger, cce-exact, chronicals
+#                   ($E2E_LONG_VARIANTS overrides the list)
 #   e2e-llama=300   Llama-3.2-1B 8x2048 full FT
 #   e2e-ours=300    Qwen0.5B 8x2048 full FT: inductor beside chronicals, chronicals-all, -lean, -tuned, -bigchunk, -lowmem
 #   e2e-all-lean=240  the same with every kernel on, and with memory_budget 0.5
@@ -71,7 +72,7 @@ for stage in "${stages[@]}"; do
     e2e-lora) timeout "${secs:-540}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora \
            --variants eager,inductor,liger,cce-exact,chronicals 2>&1 | grep "^e2e:\|^|" ;;
     e2e-long) timeout "${secs:-540}" $E2E --precompile 0 --shapes qwen0.5b-16x4096 --modes full --name e2e_16x4096 \
-           --variants eager,inductor,liger,cce-exact,chronicals 2>&1 | grep "^e2e:\|^|" ;;
+           --variants "${E2E_LONG_VARIANTS:-eager,inductor,liger,cce-exact,chronicals}" 2>&1 | grep "^e2e:\|^|" ;;
     e2e-ours) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_ours \
            --variants inductor,chronicals,chronicals-all,chronicals-lean,chronicals-tuned,chronicals-bigchunk,chronicals-lowmem 2>&1 | grep "^e2e:\|^|" ;;
     e2e-all-lean) timeout "${secs:-240}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_all_lean \
