@@ -21,7 +21,7 @@ LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 #: kernel beating Inductor's own fusion of the same chain (the issue's rule: swap by default only
 #: where ours wins). ``enable=[...]`` turns them on. Each entry says where the figures are.
 #: ``rope`` left this table after it won in the whole step: 135.4k -> 136.7k tok/s alone and
-#: 137.1k -> 139.9k beside CUDA graphs (benchmarks/results/2026-12-01-h200-session6/e2e_rope.md).
+#: 137.1k -> 139.9k beside CUDA graphs (benchmarks/results/2026-12-01-h200-session6/call1/e2e_rope.md).
 CUDA_OFF_BY_DEFAULT = {
     "rms_norm": "forward+backward 0.88-1.09x Inductor's fusion of the same function on the H200, "
                 "0.88x at Qwen2.5-0.5B's width 896 (benchmarks/results/2026-11-28-h200-session3/micro.md)",
