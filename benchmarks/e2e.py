@@ -56,7 +56,7 @@ if REPO not in sys.path:
 VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
             "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
-            "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune")
+            "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
@@ -180,6 +180,8 @@ def worker(spec: dict) -> dict:
             options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
         if variant in ("chronicals-rope", "chronicals-rope-cudagraphs"):  # rope on by default since session 6: these name it for older defaults
             options["enable"] = ["rope"]
+        if variant == "chronicals-concat":  # q/k/v and gate/up (and LoRA's lora_A) as one GEMM each
+            options["enable"] = ["concat_linear"]
         if variant == "chronicals-gqa":  # SDPA reads the unexpanded k/v (enable_gqa), off by default
             options["enable"] = ["gqa_attention"]
         if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)

@@ -23,6 +23,8 @@
 #   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
 #   e2e-levers=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-cudagraphs (reduce-overhead)
 #   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
+#   e2e-concat=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-concat (concat_linear, off by default);
+#                   for LoRA: E2E_LORA_VARIANTS=inductor,chronicals,chronicals-concat with e2e-lora-bf16
 #   e2e-autotune=420  the same: inductor beside chronicals-autotune (max-autotune-no-cudagraphs; long compiles)
 #   row-sweep=120   the fused mode's row kernel by launch shape, then the fused op by chunk rows
 #   e2e-cce=300     Qwen0.5B 8x2048 full FT: inductor beside chronicals with each gradient chunk size, -lean, -tuned
@@ -92,6 +94,8 @@ for stage in "${stages[@]}"; do
            --variants inductor,chronicals,chronicals-gqa,chronicals-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
     e2e-rope) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_rope \
            --variants inductor,chronicals,chronicals-rope,chronicals-cudagraphs,chronicals-rope-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-concat) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_concat \
+           --variants inductor,chronicals,chronicals-concat 2>&1 | grep "^e2e:\|^|" ;;
     e2e-autotune) timeout "${secs:-420}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_autotune \
            --variants inductor,chronicals-autotune 2>&1 | grep "^e2e:\|^|" ;;
     row-sweep) timeout "${secs:-120}" python3 benchmarks/bench_linear_cross_entropy.py --row-sweep 2>&1 \

@@ -13,7 +13,7 @@ PREFIX = "chronicals."
 
 #: Pattern names, as reported by ``explain`` and accepted by ``disable``.
 PATTERNS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask", "gqa_attention",
-            "gate_recompute")
+            "gate_recompute", "concat_linear")
 
 LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 
@@ -34,6 +34,9 @@ CUDA_OFF_BY_DEFAULT = {
 OFF_BY_DEFAULT = {
     "add_rms_norm": "forward+backward 0.90-1.00x Inductor's own fusion of the residual add into its "
                     "norm on the H200 (benchmarks/results/2026-11-28-h200-session3/micro.md)",
+    "concat_linear": "not yet measured on the GPU (benchmarks/e2e.py variant chronicals-concat); "
+                     "predicted about 2% of the Qwen0.5B step from reading each projection's input "
+                     "once (passes/concat_linear.py)",
 }
 
 #: Patterns never applied on CUDA, even when enabled: the reason names what goes wrong there.

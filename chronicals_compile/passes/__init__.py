@@ -20,9 +20,10 @@ from .graph_utils import NoMatch, describe
 
 log = logging.getLogger("chronicals_compile")
 
-#: Order matters: later passes see the earlier ones' ops (e.g. CE after norms).
+#: Order matters: later passes see the earlier ones' ops (e.g. CE after norms); concat_linear
+#: last, since the others match a projection by its own ``linear``.
 PASS_MODULES = ("causal_mask", "gqa_attention", "rms_norm", "add_rms_norm", "swiglu", "gate_recompute",
-                "rope", "linear_cross_entropy")
+                "rope", "linear_cross_entropy", "concat_linear")
 
 
 @dataclasses.dataclass

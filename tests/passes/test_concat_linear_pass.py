@@ -1,0 +1,151 @@
+"""Linears on one input run as one GEMM: q/k/v and gate/up of every layer (and LoRA's adapters,
+apart from the frozen base weights), training equal to eager, the concatenated weights rebuilt in
+backward rather than held, and what cannot share a GEMM left alone with a reason."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import chronicals_compile
+from chronicals_compile.testing import random_batch, tiny_model, with_lora
+from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager, loss_and_grads
+from chronicals_compile.testing.saved import saved_bytes
+
+LAYERS = 2
+ON = {"enable": ["concat_linear"]}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"], ids=["qwen2-qkv-bias", "llama-no-bias"])
+def test_projections_fused_and_training_unchanged(family):
+    report, eager, compiled = compiled_vs_eager(tiny_model(family, layers=LAYERS), random_batch(seq=12),
+                                                options={**ON, "compiler": "aot_eager"})
+    assert report.swaps.get("concat_linear") == 2 * LAYERS, str(report)  # q/k/v, gate/up
+    assert report.swaps.get("linear_cross_entropy") == 1, str(report)
+    assert report.swaps.get("gate_recompute") == LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
+
+
+def test_inductor_step_equal_and_weights_not_held_for_backward():
+    """Through Inductor with every kernel of ours on: same loss and gradients as eager, and the
+    forward holds no more for backward than without the pass (the concatenated weights are
+    rebuilt from the parameters in backward)."""
+    base = tiny_model("qwen2", layers=LAYERS)
+    batch = random_batch(seq=24)
+    eager = loss_and_grads(copy.deepcopy(base), batch)
+    held = {}
+    for label, enable in (("on", ["concat_linear", "rms_norm", "swiglu", "rope"]), ("off", ["rms_norm", "swiglu", "rope"])):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        report = chronicals_compile.explain(model, options={"enable": enable}, **batch)
+        assert report.swaps.get("concat_linear", 0) == (2 * LAYERS if label == "on" else 0), str(report)
+        held[label] = saved_bytes(report.output.loss)
+        report.output.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert_same_training_step(eager, (report.output.loss.detach(), grads))
+    assert held["on"] <= held["off"], held
+
+
+def test_lora_adapters_fused_apart_from_frozen_base_weights():
+    model = with_lora(tiny_model("llama", layers=LAYERS))
+    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), options={**ON, "compiler": "aot_eager"})
+    # per layer: frozen q/k/v, their lora_A, frozen gate/up, their lora_A
+    assert report.swaps.get("concat_linear") == 4 * LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
+    assert all(n in compiled[1] for n in eager[1]) and eager[1], "every LoRA weight has its gradient"
+
+
+class _Heads(torch.nn.Module):
+    """Three linears on one input; ``frozen``/``bias`` make them disagree on what a GEMM shares."""
+
+    def __init__(self, frozen=(), bias=(True, True, True), cast=False):
+        super().__init__()
+        self.cast = cast
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, n, bias=b) for n, b in zip((5, 3, 7), bias))
+        for i in frozen:
+            self.heads[i].requires_grad_(False)
+
+    def forward(self, x):
+        outs = [h(x.to(x.dtype) if self.cast else x) for h in self.heads]
+        return sum((o * o).sum() for o in outs) + F.silu(outs[0]).mean()
+
+
+def _grads(module, x):
+    x = x.clone().requires_grad_(True)
+    loss = module(x)
+    loss.backward()
+    params = {n.removeprefix("_orig_mod."): p for n, p in module.named_parameters()}
+    return loss.detach(), {"x": x.grad, **{n: p.grad for n, p in params.items() if p.grad is not None}}
+
+
+@pytest.mark.parametrize("kwargs,swaps", [
+    ({}, 1),
+    ({"cast": True}, 1),  # peft casts each adapter's input to the dtype it already has
+    ({"frozen": (1,)}, 1),  # the two trainable ones share a GEMM, the frozen one stays apart
+    ({"frozen": (0, 1)}, 1),  # frozen ones share one too (no weight gradient for either)
+    ({"frozen": (0,), "bias": (True, True, False)}, 0),
+    ({"bias": (True, False, True)}, 1),
+    ({"bias": (True, False, False)}, 1),
+], ids=["three", "through-cast", "one-frozen", "two-frozen", "none-alike", "mixed-bias", "mixed-bias-2"])
+def test_grouping_and_gradients(kwargs, swaps):
+    torch.manual_seed(0)
+    module = _Heads(**kwargs)
+    x = torch.randn(4, 6, 8)
+    want = _grads(module, x)
+    report = chronicals_compile.explain(copy.deepcopy(module), x, options={**ON, "compiler": "aot_eager"})
+    assert report.swaps.get("concat_linear", 0) == swaps, str(report)
+    torch._dynamo.reset()
+    options = {"chronicals.enable": ["concat_linear"], "chronicals.compiler": "aot_eager"}
+    got = _grads(torch.compile(copy.deepcopy(module), backend="chronicals", options=options), x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _NormThenHeads(torch.nn.Module):
+    """``normed.type_as(x)`` then two linears: ``x`` is only the dtype's name there, so the
+    linears' shared input is the normed value, never ``x`` (Gemma's RMSNorm ends this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 6)
+
+    def forward(self, x):
+        h = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x)
+        return self.a(h).sum() + (self.b(h) ** 2).sum()
+
+
+def test_type_as_names_a_dtype_not_the_shared_input():
+    torch.manual_seed(0)
+    module = _NormThenHeads()
+    x = torch.randn(3, 5, 8) * 3
+    want = _grads(module, x)
+    report = chronicals_compile.explain(copy.deepcopy(module), x, options={**ON, "compiler": "aot_eager"})
+    assert report.swaps.get("concat_linear") == 1, str(report)
+    options = {"chronicals.enable": ["concat_linear"], "chronicals.compiler": "aot_eager"}
+    got = _grads(torch.compile(copy.deepcopy(module), backend="chronicals", options=options), x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_left_alone_with_a_reason_when_no_two_can_share():
+    report = chronicals_compile.explain(_Heads(frozen=(0,), bias=(True, True, False)), torch.randn(3, 8),
+                                        options={**ON, "compiler": "aot_eager"})
+    assert "concat_linear" not in report.swaps
+    assert any(f.pattern == "concat_linear" and "no two share" in f.reason for f in report.fallbacks), str(report)
+
+
+def test_off_by_default():
+    report = chronicals_compile.explain(_Heads(), torch.randn(3, 8), options={"compiler": "aot_eager"})
+    assert "concat_linear" not in report.swaps, str(report)
+
+
+def test_checkpointed_layers_fused_untagged_and_training_unchanged():
+    model = tiny_model("qwen2", layers=LAYERS)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), options={**ON, "compiler": "aot_eager"})
+    assert report.swaps.get("concat_linear") == 2 * LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
