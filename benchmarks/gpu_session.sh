@@ -23,6 +23,7 @@
 #   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
 #   e2e-levers=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-cudagraphs (reduce-overhead)
 #   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
+#   concat-micro=60 linears on one input apart vs one GEMM (bench_concat_linear.py), fwd+bwd, no compile
 #   e2e-concat=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-concat (concat_linear, off by default);
 #                   for LoRA: E2E_LORA_VARIANTS=inductor,chronicals,chronicals-concat with e2e-lora-bf16
 #   e2e-autotune=420  the same: inductor beside chronicals-autotune (max-autotune-no-cudagraphs; long compiles)
@@ -94,6 +95,7 @@ for stage in "${stages[@]}"; do
            --variants inductor,chronicals,chronicals-gqa,chronicals-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
     e2e-rope) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_rope \
            --variants inductor,chronicals,chronicals-rope,chronicals-cudagraphs,chronicals-rope-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
+    concat-micro) timeout "${secs:-60}" python3 benchmarks/bench_concat_linear.py 2>&1 | tee "$OUT/concat_micro.md" | grep "^|" ;;
     e2e-concat) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_concat \
            --variants inductor,chronicals,chronicals-concat 2>&1 | grep "^e2e:\|^|" ;;
     e2e-autotune) timeout "${secs:-420}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_autotune \
