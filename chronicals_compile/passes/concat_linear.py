@@ -21,7 +21,8 @@ are column slices of one buffer; the ops downstream read them strided.
 
 Off by default until a GPU step measures it. Left alone: weights that are tensor subclasses
 (DTensor under FSDP/tensor parallelism), symbolic weight shapes, mixed biases (some linears with
-one, some without), a weight computed after the first linear that would use it.
+one, some without), a weight computed after the first linear that would use it, and linears on
+either side of an autocast or grad-mode change (a router run in fp32 beside bf16 experts).
 """
 from __future__ import annotations
 
@@ -83,6 +84,28 @@ def _group_key(linear: fx.Node) -> tuple | None:
     return w.dtype, w.device, w.shape[1], w.requires_grad, bias is not None, bias_key
 
 
+#: Calls that change how the ops after them run (autocast dtype, grad mode): linears on either
+#: side of one do not run alike, so they never share a GEMM.
+_REGIME_CHANGES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
+
+
+def _regimes(members: list[fx.Node]) -> list[list[fx.Node]]:
+    """``members`` (in graph order) cut wherever autocast or grad mode changes between two."""
+    runs, run = [], [members[0]]
+    rest = set(members[1:])
+    node = members[0].next
+    while rest:
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in _REGIME_CHANGES:
+            runs.append(run)
+            run = []
+        if node in rest:
+            run.append(node)
+            rest.discard(node)
+        node = node.next
+    runs.append(run)
+    return [r for r in runs if r]
+
+
 def _defined_before(nodes: list[fx.Node], point: fx.Node) -> bool:
     order = {n: i for i, n in enumerate(point.graph.nodes)}
     return all(order[n] < order[point] for n in nodes)
@@ -105,13 +128,13 @@ def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
         if key is not None and key[0] == x.dtype:
             groups.setdefault(key, []).append(linear)
     found = []
-    for members in groups.values():
+    for members in (run for group in groups.values() for run in _regimes(group)):
         operands = [m for lin in members for m in (arg(lin, 1, "weight"), arg(lin, 2, "bias")) if m is not None]
         if len(members) >= 2 and _defined_before(operands, members[0]):
             found.append(members)
     if not found:
         raise NoMatch(f"{len(readers)} linears read {node.name} but no two share weight dtype, "
-                      "trainability and bias, with weights defined before the first")
+                      "trainability, bias and autocast/grad mode, with weights defined before the first")
     return node, found
 
 

@@ -130,6 +130,48 @@ def test_type_as_names_a_dtype_not_the_shared_input():
         torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+class _Regimes(torch.nn.Module):
+    """Linears on one input under different autocast / grad modes must not share a GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, 4) for _ in range(4))
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = self.heads[0](x), self.heads[1](x)  # these two alike
+            with torch.autocast("cpu", enabled=False):
+                c = self.heads[2](x)  # fp32
+        d = self.heads[3](x)  # fp32, outside autocast
+        return (a.float() * b.float()).sum() + (c * d).sum()
+
+
+def test_autocast_regions_are_respected():
+    torch.manual_seed(0)
+    module = _Regimes()
+    x = torch.randn(3, 5, 8)
+    want = _grads(module, x)
+    report = chronicals_compile.explain(copy.deepcopy(module), x, options={**ON, "compiler": "aot_eager"})
+    assert report.swaps.get("concat_linear") == 1, str(report)  # heads 0 and 1 only
+    options = {"chronicals.enable": ["concat_linear"], "chronicals.compiler": "aot_eager"}
+    got = _grads(torch.compile(copy.deepcopy(module), backend="chronicals", options=options), x)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        # fp32 heads exactly; the bf16 pair (and x, which sums all four) to bf16 rounding: one GEMM
+        # rounds the pair's input gradient once where eager rounds each and adds
+        bf16 = name == "x" or name.startswith(("heads.0", "heads.1"))
+        tol = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(got[1][name], want[1][name], **tol, msg=name)
+
+
+def test_dynamic_shapes():
+    model = tiny_model("llama", layers=LAYERS)
+    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), dynamic=True,
+                                                options={**ON, "compiler": "aot_eager"})
+    assert report.swaps.get("concat_linear") == 2 * LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
+
+
 def test_left_alone_with_a_reason_when_no_two_can_share():
     report = chronicals_compile.explain(_Heads(frozen=(0,), bias=(True, True, False)), torch.randn(3, 8),
                                         options={**ON, "compiler": "aot_eager"})
