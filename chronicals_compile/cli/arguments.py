@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", type=float, default=None, metavar="FRACTION",
                    help="0..1: share of activations kept for backward; lower recomputes more and "
                         "saves memory (Inductor's activation_memory_budget; default: torch's)")
+    g.add_argument("--enable", nargs="+", default=[], metavar="PATTERN",
+                   help="also swap these patterns where they are off by default (e.g. rms_norm swiglu "
+                        "concat_linear on CUDA); `explain` lists them")
+    g.add_argument("--disable", nargs="+", default=[], metavar="PATTERN",
+                   help="leave these patterns to Inductor (e.g. linear_cross_entropy to get logits back)")
     g.add_argument("--no-compile", action="store_true",
                    help="eager baseline: no chronicals backend, no Inductor")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -99,3 +104,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--lora-alpha needs --lora-r")
     if args.memory_budget is not None and not 0.0 <= args.memory_budget <= 1.0:
         raise UsageError(f"--memory-budget must be from 0 to 1, got {args.memory_budget}")
+    from ..config import PATTERNS
+
+    for flag in ("enable", "disable"):
+        unknown = [name for name in getattr(args, flag) if name not in PATTERNS]
+        if unknown:
+            raise UsageError(f"--{flag}: unknown pattern(s) {', '.join(unknown)}; known: {', '.join(PATTERNS)}")
+    both = sorted(set(args.enable) & set(args.disable))
+    if both:
+        raise UsageError(f"--enable and --disable both name {', '.join(both)}")

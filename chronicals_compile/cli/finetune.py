@@ -226,6 +226,10 @@ def _run(args: argparse.Namespace, source: str, model_name: str, t_start: float,
         options = {} if args.compiler == "inductor" else {"compiler": args.compiler}
         if args.memory_budget is not None:
             options["memory_budget"] = args.memory_budget
+        if args.enable:
+            options["enable"] = list(args.enable)
+        if args.disable:
+            options["disable"] = list(args.disable)
         chronicals_compile(model, **options)
     train_model = wrap(model, world, device)  # DDP under torchrun: compiled in place, then wrapped
 

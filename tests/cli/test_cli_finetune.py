@@ -104,6 +104,15 @@ def test_lora_adapters_in_the_model_dtype(cli, tmp_path):
     assert dtypes == {torch.bfloat16}, dtypes
 
 
+def test_enable_and_disable_reach_the_backend(cli, tmp_path):
+    code, stdout, err = cli(*TINY, "--steps", "2", "--enable", "concat_linear", "--disable", "linear_cross_entropy",
+                            "--compiler", "aot_eager", "--output-dir", tmp_path)
+    assert code == 0, err
+    swaps = load_metrics(tmp_path)["swaps"]
+    assert swaps.get("concat_linear", 0) > 0 and "linear_cross_entropy" not in swaps, swaps
+    assert all(g > 0 for g in load_metrics(tmp_path)["grad_norms"])
+
+
 def test_interrupt_keeps_last_checkpoint(cli, tmp_path, monkeypatch):
     """Ctrl-C at step 5 with --save-every 2: the step-4 save is intact, nothing half-written."""
     real = torch.nn.utils.clip_grad_norm_
