@@ -6,10 +6,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import chronicals_compile
 from chronicals_compile.testing import random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager, loss_and_grads
+from chronicals_compile.report import collecting as report_collecting
 from chronicals_compile.testing.saved import saved_bytes
 
 LAYERS = 2
@@ -191,3 +194,43 @@ def test_checkpointed_layers_fused_untagged_and_training_unchanged():
     report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), options={**ON, "compiler": "aot_eager"})
     assert report.swaps.get("concat_linear") == 2 * LAYERS, str(report)
     assert_same_training_step(eager, compiled)
+
+
+class _RandomHeads(torch.nn.Module):
+    """Linears on one input with drawn widths, biases and trainability, some through a no-op cast."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.casts = [cast for *_, cast in heads]
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(d, out, bias=bias) for out, bias, _, _ in heads)
+        for head, (_, _, frozen, _) in zip(self.heads, heads):
+            head.requires_grad_(not frozen)
+
+    def forward(self, x):
+        outs = [h(x.to(x.dtype) if cast else x) for h, cast in zip(self.heads, self.casts)]
+        return sum(((i + 1) * o.tanh()).sum() for i, o in enumerate(outs))
+
+
+@settings(max_examples=12)
+@given(d=st.integers(1, 40), rows=st.integers(1, 9),
+       heads=st.lists(st.tuples(st.integers(1, 24), st.booleans(), st.booleans(), st.booleans()), min_size=2, max_size=5),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_any_grouping_trains_like_eager(d, rows, heads, dtype, seed):
+    """Whatever mix of widths, biases, frozen weights and casts: exactly the groups that may share
+    a GEMM are fused, and the loss and every gradient equal eager's."""
+    torch.manual_seed(seed)
+    module = _RandomHeads(d, heads).to(dtype)
+    x = torch.randn(rows, d, dtype=dtype)
+    want = _grads(module, x)
+    torch._dynamo.reset()
+    options = {"chronicals.enable": ["concat_linear"], "chronicals.compiler": "aot_eager"}
+    with report_collecting() as report:
+        got = _grads(torch.compile(copy.deepcopy(module), backend="chronicals", options=options), x)
+    kinds = [(bias, frozen) for _, bias, frozen, _ in heads]
+    expected = sum(1 for kind in set(kinds) if kinds.count(kind) >= 2)
+    assert report.swaps.get("concat_linear", 0) == expected, str(report)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(got[0], want[0], **tol)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], **tol, msg=name)
