@@ -56,7 +56,8 @@ if REPO not in sys.path:
 VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", "chronicals", "chronicals-all",
             "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
-            "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat")
+            "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat",
+            "chronicals-lora-linear", "chronicals-lora-fused")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
@@ -182,6 +183,10 @@ def worker(spec: dict) -> dict:
             options["enable"] = ["rope"]
         if variant == "chronicals-concat":  # q/k/v and gate/up (and LoRA's lora_A) as one GEMM each
             options["enable"] = ["concat_linear"]
+        if variant == "chronicals-lora-linear":  # LoRA's wide projections: base and adapter in one GEMM
+            options["enable"] = ["lora_linear"]
+        if variant == "chronicals-lora-fused":
+            options["enable"] = ["lora_linear", "concat_linear"]
         if variant == "chronicals-gqa":  # SDPA reads the unexpanded k/v (enable_gqa), off by default
             options["enable"] = ["gqa_attention"]
         if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)

@@ -26,6 +26,7 @@
 #   concat-micro=60 linears on one input apart vs one GEMM (bench_concat_linear.py), fwd+bwd, no compile
 #   e2e-concat=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-concat (concat_linear, off by default);
 #                   for LoRA: E2E_LORA_VARIANTS=inductor,chronicals,chronicals-concat with e2e-lora-bf16
+#   e2e-lora-levers=420  LoRA r=32 bf16 adapters: inductor, chronicals, -lora-linear, -concat, -lora-fused (both)
 #   e2e-autotune=420  the same: inductor beside chronicals-autotune (max-autotune-no-cudagraphs; long compiles)
 #   row-sweep=120   the fused mode's row kernel by launch shape, then the fused op by chunk rows
 #   e2e-cce=300     Qwen0.5B 8x2048 full FT: inductor beside chronicals with each gradient chunk size, -lean, -tuned
@@ -98,6 +99,8 @@ for stage in "${stages[@]}"; do
     concat-micro) timeout "${secs:-60}" python3 benchmarks/bench_concat_linear.py 2>&1 | tee "$OUT/concat_micro.md" | grep "^|" ;;
     e2e-concat) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_concat \
            --variants inductor,chronicals,chronicals-concat 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-lora-levers) timeout "${secs:-420}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora_levers \
+           --lora-adapter-dtype model --variants inductor,chronicals,chronicals-lora-linear,chronicals-concat,chronicals-lora-fused 2>&1 | grep "^e2e:\|^|" ;;
     e2e-autotune) timeout "${secs:-420}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_autotune \
            --variants inductor,chronicals-autotune 2>&1 | grep "^e2e:\|^|" ;;
     row-sweep) timeout "${secs:-120}" python3 benchmarks/bench_linear_cross_entropy.py --row-sweep 2>&1 \

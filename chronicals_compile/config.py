@@ -13,7 +13,7 @@ PREFIX = "chronicals."
 
 #: Pattern names, as reported by ``explain`` and accepted by ``disable``.
 PATTERNS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask", "gqa_attention",
-            "gate_recompute", "concat_linear")
+            "gate_recompute", "concat_linear", "lora_linear")
 
 LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 
@@ -37,6 +37,8 @@ OFF_BY_DEFAULT = {
     "concat_linear": "not yet measured on the GPU (benchmarks/e2e.py variant chronicals-concat); "
                      "predicted about 2% of the Qwen0.5B step from reading each projection's input "
                      "once (passes/concat_linear.py)",
+    "lora_linear": "not yet measured on the GPU (benchmarks/e2e.py variant chronicals-lora-linear, LoRA "
+                   "mode); predicted ~6 ms of the 118 ms Qwen0.5B LoRA step (passes/lora_linear.py)",
 }
 
 #: Patterns never applied on CUDA, even when enabled: the reason names what goes wrong there.

@@ -20,10 +20,11 @@ from .graph_utils import NoMatch, describe
 
 log = logging.getLogger("chronicals_compile")
 
-#: Order matters: later passes see the earlier ones' ops (e.g. CE after norms); concat_linear
-#: last, since the others match a projection by its own ``linear``.
-PASS_MODULES = ("causal_mask", "gqa_attention", "rms_norm", "add_rms_norm", "swiglu", "gate_recompute",
-                "rope", "linear_cross_entropy", "concat_linear")
+#: Order matters: later passes see the earlier ones' ops (e.g. CE after norms); lora_linear before
+#: the MLP passes (they read its output like a linear's); concat_linear last, since the others
+#: match a projection by its own ``linear``.
+PASS_MODULES = ("causal_mask", "gqa_attention", "rms_norm", "add_rms_norm", "lora_linear", "swiglu",
+                "gate_recompute", "rope", "linear_cross_entropy", "concat_linear")
 
 
 @dataclasses.dataclass

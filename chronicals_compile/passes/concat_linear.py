@@ -32,22 +32,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .graph_utils import NoMatch, arg, cast_target, describe, dtype_of, erase_dead, meta, op, set_fake_value
+from .graph_utils import (NoMatch, arg, describe, erase_dead, is_noop_cast_of, meta, op, plain_tensor, regime_runs,
+                          set_fake_value)
 
 NAME = "concat_linear"
 _ids = itertools.count(1)
-
-
-def _noop_cast_of(node: Any, x: fx.Node) -> bool:
-    """``node`` casts ``x`` to the dtype ``x`` already has (peft casts each adapter's input this
-    way). ``x`` must be the value cast: in ``y.type_as(x)`` (an RMSNorm's last line) ``x`` only
-    names the dtype, and ``y`` is a different value."""
-    if not isinstance(node, fx.Node) or not node.args or node.args[0] is not x or cast_target(node) is None:
-        return False
-    return cast_target(node) == dtype_of(x) and len(node.args) + len(node.kwargs) <= 2
 
 
 def _linear_readers(x: fx.Node) -> list[fx.Node]:
@@ -56,21 +47,17 @@ def _linear_readers(x: fx.Node) -> list[fx.Node]:
     for user in x.users:
         if op(user) == "linear" and arg(user, 0, "input") is x:
             found.append(user)
-        elif _noop_cast_of(user, x):
+        elif is_noop_cast_of(user, x):
             found.extend(u for u in user.users if op(u) == "linear" and arg(u, 0, "input") is user)
     order = {n: i for i, n in enumerate(x.graph.nodes)}
     return sorted(set(found), key=order.__getitem__)
-
-
-def _plain_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and not is_traceable_wrapper_subclass(value)
 
 
 def _group_key(linear: fx.Node) -> tuple | None:
     """What linears must share to run as one GEMM, or None where this one cannot."""
     weight, bias = arg(linear, 1, "weight"), arg(linear, 2, "bias")
     w = meta(weight)
-    if not isinstance(weight, fx.Node) or not _plain_tensor(w) or w.dim() != 2 or not w.is_floating_point():
+    if not isinstance(weight, fx.Node) or not plain_tensor(w) or w.dim() != 2 or not w.is_floating_point():
         return None
     if not all(isinstance(s, int) for s in w.shape):
         return None  # a symbolic weight shape
@@ -78,32 +65,10 @@ def _group_key(linear: fx.Node) -> tuple | None:
         bias_key = None
     else:
         b = meta(bias)
-        if not isinstance(bias, fx.Node) or not _plain_tensor(b) or b.shape != w.shape[:1] or b.dtype != w.dtype:
+        if not isinstance(bias, fx.Node) or not plain_tensor(b) or b.shape != w.shape[:1] or b.dtype != w.dtype:
             return None
         bias_key = b.requires_grad
     return w.dtype, w.device, w.shape[1], w.requires_grad, bias is not None, bias_key
-
-
-#: Calls that change how the ops after them run (autocast dtype, grad mode): linears on either
-#: side of one do not run alike, so they never share a GEMM.
-_REGIME_CHANGES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
-
-
-def _regimes(members: list[fx.Node]) -> list[list[fx.Node]]:
-    """``members`` (in graph order) cut wherever autocast or grad mode changes between two."""
-    runs, run = [], [members[0]]
-    rest = set(members[1:])
-    node = members[0].next
-    while rest:
-        if node.op == "call_function" and getattr(node.target, "__name__", "") in _REGIME_CHANGES:
-            runs.append(run)
-            run = []
-        if node in rest:
-            run.append(node)
-            rest.discard(node)
-        node = node.next
-    runs.append(run)
-    return [r for r in runs if r]
 
 
 def _defined_before(nodes: list[fx.Node], point: fx.Node) -> bool:
@@ -112,7 +77,7 @@ def _defined_before(nodes: list[fx.Node], point: fx.Node) -> bool:
 
 
 def is_anchor(node: fx.Node) -> bool:
-    return len(node.users) >= 2 or (len(node.users) == 1 and _noop_cast_of(next(iter(node.users)), node))
+    return len(node.users) >= 2 or (len(node.users) == 1 and is_noop_cast_of(next(iter(node.users)), node))
 
 
 def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
@@ -120,7 +85,7 @@ def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
     if len(readers) < 2:
         raise NoMatch("fewer than two linears read this value", quiet=True)
     x = meta(node)
-    if not _plain_tensor(x) or not x.is_floating_point():
+    if not plain_tensor(x) or not x.is_floating_point():
         raise NoMatch("the shared input is not a plain floating-point tensor", quiet=True)
     groups: dict[tuple, list[fx.Node]] = {}
     for linear in readers:
@@ -128,7 +93,7 @@ def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
         if key is not None and key[0] == x.dtype:
             groups.setdefault(key, []).append(linear)
     found = []
-    for members in (run for group in groups.values() for run in _regimes(group)):
+    for members in (run for group in groups.values() for run in regime_runs(group)):
         operands = [m for lin in members for m in (arg(lin, 1, "weight"), arg(lin, 2, "bias")) if m is not None]
         if len(members) >= 2 and _defined_before(operands, members[0]):
             found.append(members)

@@ -64,6 +64,8 @@ def _feeds_linear(node: fx.Node) -> bool:
             return True
         if op(user) == "dropout" and _feeds_linear(user):  # peft LoRA: lora_A(dropout(h))
             return True
+        if user.target is torch.ops.chronicals.lora_linear.default and user.args[0] is node:  # fused LoRA
+            return True
     return False
 
 

@@ -123,6 +123,22 @@ def cast_target(node: fx.Node) -> torch.dtype | None:
     return None
 
 
+def is_noop_cast_of(node: Any, x: fx.Node) -> bool:
+    """``node`` casts ``x`` to the dtype ``x`` already has (peft casts each adapter's input this
+    way). ``x`` must be the value cast: in ``y.type_as(x)`` (an RMSNorm's last line) ``x`` only
+    names the dtype, and ``y`` is a different value."""
+    if not isinstance(node, fx.Node) or not node.args or node.args[0] is not x or cast_target(node) is None:
+        return False
+    return cast_target(node) == dtype_of(x) and len(node.args) + len(node.kwargs) <= 2
+
+
+def plain_tensor(value: Any) -> bool:
+    """A tensor that is not a wrapper subclass (DTensor under FSDP / tensor parallelism)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return isinstance(value, torch.Tensor) and not is_traceable_wrapper_subclass(value)
+
+
 def binary_operands(node: fx.Node) -> tuple[Any, Any]:
     return arg(node, 0, "input"), arg(node, 1, "other")
 
@@ -187,6 +203,32 @@ def set_fake_value(gm: fx.GraphModule, node: fx.Node) -> None:
             node.meta["example_value"] = node.target(*args, **kwargs)
     except Exception:  # noqa: BLE001 - metadata is an optimisation for later passes
         pass
+
+
+#: Calls that change how the ops after them run (autocast dtype, grad mode).
+_REGIME_CHANGES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
+
+
+def is_regime_change(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in _REGIME_CHANGES
+
+
+def regime_runs(members: list[fx.Node]) -> list[list[fx.Node]]:
+    """``members`` (in graph order, one graph) cut wherever autocast or grad mode changes between
+    two: ops on either side of such a call do not run alike, so no rewrite may merge them."""
+    runs, run = [], [members[0]]
+    rest = set(members[1:])
+    node = members[0].next
+    while rest:
+        if is_regime_change(node):
+            runs.append(run)
+            run = []
+        if node in rest:
+            run.append(node)
+            rest.discard(node)
+        node = node.next
+    runs.append(run)
+    return [r for r in runs if r]
 
 
 def erase_dead(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:

@@ -1,0 +1,111 @@
+"""peft LoRA's base + adapter as one ``chronicals::lora_linear``: the op equals the three-GEMM
+reference on its output and every gradient (hypothesis: shapes, bias, frozen or trainable base,
+scale), the pass finds the wide projections of a peft model (gate and up) and training is
+unchanged, and what it cannot fuse is left alone."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import chronicals_compile
+import chronicals_compile.ops  # noqa: F401 - registers torch.ops.chronicals.*
+from chronicals_compile.ops.lora_linear import lora_linear_reference
+from chronicals_compile.testing import random_batch, tiny_model, with_lora
+from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
+
+LAYERS = 2
+ON = {"enable": ["lora_linear"], "compiler": "aot_eager"}
+
+
+def _grads(fn, leaves):
+    out = fn(*leaves)
+    weight = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    (out * weight).sum().backward()
+    return out.detach(), [t.grad.clone() if t is not None and t.grad is not None else None for t in leaves]
+
+
+@settings(max_examples=20)
+@given(rows=st.integers(1, 13), width=st.integers(1, 24), out=st.integers(1, 40), r=st.integers(1, 8),
+       bias=st.booleans(), frozen_base=st.booleans(), leading=st.booleans(),
+       scale=st.sampled_from([2.0, 0.5, 1.0 / 3.0, 16.0]), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_op_equals_reference(rows, width, out, r, bias, frozen_base, leading, scale, dtype):
+    gen = torch.Generator().manual_seed(rows * 1000 + width)
+    shape = (2, rows, width) if leading else (rows, width)
+
+    def leaves():
+        x = torch.randn(shape, dtype=dtype, generator=gen)
+        w = torch.randn(out, width, dtype=dtype, generator=gen)
+        b = torch.randn(out, dtype=dtype, generator=gen) if bias else None
+        a = torch.randn(r, width, dtype=dtype, generator=gen)
+        lb = torch.randn(out, r, dtype=dtype, generator=gen)
+        return x, w, b, a, lb
+
+    x, w, b, a, lb = leaves()
+    needs = [True, not frozen_base, not frozen_base, True, True]
+
+    def prepared(to):
+        return [t.detach().to(to).requires_grad_(need) if t is not None else None
+                for t, need in zip((x, w, b, a, lb), needs)]
+
+    got, got_grads = _grads(lambda *t: torch.ops.chronicals.lora_linear(*t, scale)[0], prepared(dtype))
+    ref, ref_grads = _grads(lambda *t: lora_linear_reference(*t, scale), prepared(dtype))
+    exact, exact_grads = _grads(lambda *t: lora_linear_reference(*t, scale), prepared(torch.float64))
+    # the project's rule: |ours - fp64| <= |torch in the same dtype - fp64| + slack
+    for name, g, r, e in zip(("y", "x", "weight", "bias", "lora_A", "lora_B"), [got, *got_grads],
+                             [ref, *ref_grads], [exact, *exact_grads]):
+        if e is None:
+            assert g is None, name
+            continue
+        assert not torch.isnan(g).any(), name
+        slack = 4 * torch.finfo(dtype).eps * e.abs().max().item()
+        ours_err = (g.double() - e).abs().max().item()
+        torch_err = (r.double() - e).abs().max().item()
+        assert ours_err <= torch_err + slack, (name, ours_err, torch_err, slack)
+
+
+def test_op_under_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=gen, requires_grad=True)
+    w, b = torch.randn(11, 7, generator=gen), torch.randn(11, generator=gen)
+    a, lb = torch.randn(2, 7, generator=gen, requires_grad=True), torch.randn(11, 2, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.chronicals.lora_linear.default, (x, w, b, a, lb, 2.0))
+    torch.library.opcheck(torch.ops.chronicals.lora_linear.default, (x, w.requires_grad_(), None, a, lb, 0.5))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_peft_model_gate_and_up_fused_and_training_unchanged(family):
+    model = with_lora(tiny_model(family, layers=LAYERS, hidden=64, intermediate=160))
+    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), options=ON)
+    assert report.swaps.get("lora_linear") == 2 * LAYERS, str(report)  # gate, up (160 >= 2 x 64)
+    assert report.swaps.get("gate_recompute") == LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
+    assert eager[1] and eager[1].keys() == compiled[1].keys()
+
+
+def test_with_concat_linear_and_through_inductor():
+    """Beside concat_linear (which then fuses q/k/v and the adapters' lora_A) and Inductor's
+    code generation: the same step."""
+    base = with_lora(tiny_model("qwen2", layers=LAYERS, hidden=64, intermediate=160))
+    report, eager, compiled = compiled_vs_eager(base, random_batch(seq=16),
+                                                options={"enable": ["lora_linear", "concat_linear"]})
+    assert report.swaps.get("lora_linear") == 2 * LAYERS, str(report)
+    assert report.swaps.get("concat_linear", 0) >= 2 * LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
+
+
+def test_fp32_adapters_on_a_bf16_base_are_left_alone_with_the_reason():
+    model = with_lora(tiny_model("llama", layers=1, hidden=64, intermediate=160).to(torch.bfloat16))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    report = chronicals_compile.explain(model, options=ON, **random_batch(seq=8))
+    assert "lora_linear" not in report.swaps, str(report)
+    assert any(f.pattern == "lora_linear" and "--lora-dtype model" in f.reason for f in report.fallbacks), str(report)
+
+
+def test_off_by_default():
+    model = with_lora(tiny_model("llama", layers=1, hidden=64, intermediate=160))
+    report = chronicals_compile.explain(model, options={"compiler": "aot_eager"}, **random_batch(seq=8))
+    assert "lora_linear" not in report.swaps, str(report)
