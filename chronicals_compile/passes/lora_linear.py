@@ -41,13 +41,20 @@ def _linear(node: Any) -> tuple[Any, Any, Any] | None:
     return arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
 
 
+def _is_scalar(value: Any) -> bool:
+    """A Python number, or a symbolic float (``dynamic=True`` turns peft's ``scaling`` into one)."""
+    if isinstance(value, fx.Node):
+        return isinstance(meta(value), torch.SymFloat)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _scaled_adapter(node: Any) -> dict | None:
     """The parts of ``linear(linear(x', A), B) * s`` (no biases), else None."""
     if op(node) != "mul" or len(node.users) != 1:
         return None
     a, b = binary_operands(node)
     for outer, scale in ((a, b), (b, a)):
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        if not _is_scalar(scale):
             continue
         found_outer = _linear(outer)
         if found_outer is None or found_outer[2] is not None:
@@ -56,7 +63,8 @@ def _scaled_adapter(node: Any) -> dict | None:
         found_inner = _linear(inner)
         if found_inner is None or found_inner[2] is not None:
             return None
-        return {"input": found_inner[0], "lora_a": found_inner[1], "lora_b": found_outer[1], "scale": float(scale),
+        return {"input": found_inner[0], "lora_a": found_inner[1], "lora_b": found_outer[1],
+                "scale": scale if isinstance(scale, fx.Node) else float(scale),
                 "nodes": [node, outer, inner]}
     return None
 
@@ -104,6 +112,9 @@ def match(node: fx.Node, ctx=None) -> dict:
     dtypes = {name: str(v.dtype).replace("torch.", "") for name, v in values.items()}
     if len(set(dtypes.values())) != 1 or not values["x"].is_floating_point():
         raise NoMatch(f"mixed dtypes {dtypes}: keep the adapters in the model's dtype to fuse them")
+    if any(dtype_of(n) != values["x"].dtype for n in (node, base)):
+        # autocast computes the linears in another dtype than their inputs'; the op would not
+        raise NoMatch("under autocast (the linears compute in another dtype than their inputs)")
     la, lb = values["lora_A"], values["lora_B"]
     if not all(isinstance(s, int) for s in (*la.shape, *lb.shape)):
         raise NoMatch("symbolic adapter shapes")

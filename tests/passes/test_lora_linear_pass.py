@@ -105,6 +105,31 @@ def test_fp32_adapters_on_a_bf16_base_are_left_alone_with_the_reason():
     assert any(f.pattern == "lora_linear" and "--lora-dtype model" in f.reason for f in report.fallbacks), str(report)
 
 
+def test_dynamic_shapes():
+    model = with_lora(tiny_model("llama", layers=LAYERS, hidden=64, intermediate=160))
+    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), options=ON, dynamic=True)
+    assert report.swaps.get("lora_linear") == 2 * LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
+
+
+class _AdaptedUnderAutocast(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base, self.a, self.b = torch.nn.Linear(8, 24), torch.nn.Linear(8, 2, bias=False), torch.nn.Linear(2, 24, bias=False)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = self.base(x) + self.b(self.a(x)) * 2.0
+        return y.float().sum()
+
+
+def test_left_alone_under_autocast():
+    """fp32 weights under bf16 autocast: the linears run in bf16, the op would run in fp32."""
+    report = chronicals_compile.explain(_AdaptedUnderAutocast(), torch.randn(3, 8), options=ON)
+    assert "lora_linear" not in report.swaps, str(report)
+    assert any(f.pattern == "lora_linear" and "autocast" in f.reason for f in report.fallbacks), str(report)
+
+
 def test_off_by_default():
     model = with_lora(tiny_model("llama", layers=1, hidden=64, intermediate=160))
     report = chronicals_compile.explain(model, options={"compiler": "aot_eager"}, **random_batch(seq=8))
