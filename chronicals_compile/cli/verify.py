@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 #: The ops in the order the passes run; any other verify module found is appended.
-OPS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy")
+OPS = ("rms_norm", "add_rms_norm", "lora_linear", "swiglu", "rope", "linear_cross_entropy")
 NOT_OPS = {"tolerance"}
 
 #: --quick: small shapes for modules that take the usual size arguments (keyword names vary per

@@ -20,13 +20,13 @@ def test_verify_quick_passes_and_prints_a_table():
     assert header.split() == ["op", "dtype", "examples", "worst", "err/bound", "worst", "tensor", "result"]
     ops = {line.split()[0] for line in out.splitlines()[out.splitlines().index(header) + 2:] if line.strip()
            and not line.startswith("chronicals")}
-    assert {"rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy"} <= ops
+    assert {"rms_norm", "add_rms_norm", "lora_linear", "swiglu", "rope", "linear_cross_entropy"} <= ops
     assert "all" in out.splitlines()[-1] and "pass" in out.splitlines()[-1]
 
 
 def test_discover_finds_every_verify_module():
     names = [n for n, _ in verify.discover()]
-    assert names == ["rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy"]
+    assert names == ["rms_norm", "add_rms_norm", "lora_linear", "swiglu", "rope", "linear_cross_entropy"]
 
 
 def test_failures_and_crashes_are_recorded_not_raised():

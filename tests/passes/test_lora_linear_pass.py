@@ -14,6 +14,8 @@ import chronicals_compile.ops  # noqa: F401 - registers torch.ops.chronicals.*
 from chronicals_compile.ops.lora_linear import lora_linear_reference
 from chronicals_compile.testing import random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
+from chronicals_compile.verify import lora_linear as verify_lora_linear
+from chronicals_compile.verify.tolerance import assert_all_ok
 
 LAYERS = 2
 ON = {"enable": ["lora_linear"], "compiler": "aot_eager"}
@@ -63,6 +65,14 @@ def test_op_equals_reference(rows, width, out, r, bias, frozen_base, leading, sc
         ours_err = (g.double() - e).abs().max().item()
         torch_err = (r.double() - e).abs().max().item()
         assert ours_err <= torch_err + slack, (name, ours_err, torch_err, slack)
+
+
+@settings(max_examples=25)
+@given(case=verify_lora_linear.cases())
+def test_op_within_torchs_own_error_in_every_dtype(case):
+    """fp32, bf16, fp16 (the ``chronicals verify`` check): |ours - fp64| <= |peft's GEMMs in the
+    same dtype - fp64| + slack, for the output and every gradient."""
+    assert_all_ok(verify_lora_linear.check(**case))
 
 
 def test_op_under_opcheck():
