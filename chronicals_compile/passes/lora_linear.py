@@ -83,6 +83,8 @@ def is_anchor(node: fx.Node) -> bool:
 
 
 def match(node: fx.Node, ctx=None) -> dict:
+    if len(node.args) > 2 or set(node.kwargs) - {"input", "other"}:
+        raise NoMatch("an add with alpha or out", quiet=True)
     a, b = binary_operands(node)
     for base, adapter in ((a, b), (b, a)):
         found_base, found = _linear(base), _scaled_adapter(adapter)

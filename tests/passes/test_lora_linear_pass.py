@@ -140,6 +140,20 @@ def test_left_alone_under_autocast():
     assert any(f.pattern == "lora_linear" and "autocast" in f.reason for f in report.fallbacks), str(report)
 
 
+class _AddWithAlpha(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base, self.a, self.b = torch.nn.Linear(8, 24), torch.nn.Linear(8, 2, bias=False), torch.nn.Linear(2, 24, bias=False)
+
+    def forward(self, x):
+        return torch.add(self.base(x), self.b(self.a(x)) * 2.0, alpha=0.5).sum()
+
+
+def test_an_add_with_alpha_is_not_lora():
+    report = chronicals_compile.explain(_AddWithAlpha(), torch.randn(3, 8), options=ON)
+    assert "lora_linear" not in report.swaps, str(report)
+
+
 def test_off_by_default():
     model = with_lora(tiny_model("llama", layers=1, hidden=64, intermediate=160))
     report = chronicals_compile.explain(model, options={"compiler": "aot_eager"}, **random_batch(seq=8))
