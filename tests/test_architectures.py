@@ -43,8 +43,9 @@ EXPECTED = {
 #: linears on one input fused into one GEMM (concat_linear, enabled here though off by default, so
 #: every architecture checks it): q/k/v and gate/up each layer; Phi-3 has both fused already, GLM
 #: its gate_up; Cohere's parallel block reads one norm for attention and MLP (one group of five);
-#: StarCoder2, Mixtral and Arcee have no gate/up pair (GELU MLP, experts, relu^2)
-CONCAT = {"Phi3": 0, "Glm": 2, "Glm4": 2, "Cohere": 2, "Starcoder2": 2, "Mixtral": 2, "Arcee": 2}
+#: StarCoder2, Mixtral and Arcee have no gate/up pair (GELU MLP, experts, relu^2); Qwen2-MoE's
+#: router and shared expert are refused: the experts' in-place index_add_ lies between them
+CONCAT = {"Phi3": 0, "Glm": 2, "Glm4": 2, "Cohere": 2, "Starcoder2": 2, "Mixtral": 2, "Arcee": 2, "Qwen2Moe": 2}
 #: architectures transformers runs with its own attention code only
 EAGER_ATTENTION = {"Gemma2"}
 AVAILABLE = [name for name in EXPECTED if hasattr(transformers, f"{name}ForCausalLM")]

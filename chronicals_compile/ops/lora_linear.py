@@ -54,10 +54,10 @@ def _(x, weight, bias, lora_a, lora_b, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, lora_a.shape[0]))
 
 
-@torch.library.custom_op("chronicals::lora_linear_backward", mutates_args=())
-def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, t: Tensor,
-                         scale: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``needs``: (x, weight, bias, lora_a, lora_b); a gradient not needed comes back empty."""
+def _backward_math(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, t: Tensor,
+                   scale: float, needs: list[bool]) -> tuple[Tensor, ...]:
+    """The gradients in torch ops: the backward op's body, and differentiable as written when a
+    caller asks for a second derivative (``create_graph=True``)."""
     need_x, need_w, need_b, need_a, need_lb = needs
     g2, x2 = _rows(grad), _rows(x)
     dx, dw, db, da, dlb = (grad.new_empty((0,)) for _ in range(5))  # distinct: outputs may not alias
@@ -80,6 +80,13 @@ def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor
     return dx, dw, db, da, dlb
 
 
+@torch.library.custom_op("chronicals::lora_linear_backward", mutates_args=())
+def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, t: Tensor,
+                         scale: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``needs``: (x, weight, bias, lora_a, lora_b); a gradient not needed comes back empty."""
+    return _backward_math(grad, x, weight, lora_a, lora_b, t, scale, needs)
+
+
 @lora_linear_backward.register_fake
 def _(grad, x, weight, lora_a, lora_b, t, scale, needs):
     need_x, need_w, need_b, need_a, need_lb = needs
@@ -98,7 +105,13 @@ def _backward(ctx, grad_y: Tensor, grad_t: Optional[Tensor]):
     x, weight, lora_a, lora_b, t = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     needs[2] = needs[2] and ctx.has_bias
-    dx, dw, db, da, dlb = lora_linear_backward(grad_y, x, weight, lora_a, lora_b, t, ctx.scale, needs)
+    # a second derivative (create_graph=True) differentiates the same math in torch ops: t is
+    # rebuilt from x so that the adapter's gradient stays connected to lora_A
+    if torch.is_grad_enabled():
+        t = _rows(x) @ lora_a.t()
+        dx, dw, db, da, dlb = _backward_math(grad_y, x, weight, lora_a, lora_b, t, ctx.scale, needs)
+    else:
+        dx, dw, db, da, dlb = lora_linear_backward(grad_y, x, weight, lora_a, lora_b, t, ctx.scale, needs)
     grads = [g if need else None for g, need in zip((dx, dw, db, da, dlb), needs)]
     return (*grads, None)
 

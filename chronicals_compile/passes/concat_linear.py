@@ -12,12 +12,14 @@ so the concatenation is rebuilt every step (a copy of the weights, ~20 MB a laye
 
 How: ``linear(x, W1, b1)``, ``linear(x, W2, b2)``, ... on one input (seen through casts that do not
 change its dtype) with plain floating-point weights of one dtype and device become
-``split(linear(x, cat([W1, W2, ...]), cat([b1, b2, ...])), sizes, -1)``. Weights are grouped by
+``narrow``s of ``linear(x, cat([W1, W2, ...]), cat([b1, b2, ...]))``. Weights are grouped by
 whether they train, so a frozen base weight never shares a GEMM with a trainable adapter (its
 weight gradient would be computed for nothing). The concatenated weight is tagged
 ``CheckpointPolicy.MUST_RECOMPUTE`` so backward rebuilds it from the parameters instead of
 holding a second copy of every projection's weights from forward to backward. The split outputs
-are column slices of one buffer; the ops downstream read them strided.
+are column slices of one buffer (``narrow``); the ops downstream read them strided, so an output
+that is viewed in a way a slice does not allow, or an in-place op between the linears (the fused
+GEMM reads the input where the first linear did), leaves the group alone.
 
 Off by default until a GPU step measures it. Left alone: weights that are tensor subclasses
 (DTensor under FSDP/tensor parallelism), symbolic weight shapes, mixed biases (some linears with
@@ -27,15 +29,15 @@ either side of an autocast or grad-mode change (a router run in fp32 beside bf16
 from __future__ import annotations
 
 import itertools
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .graph_utils import (NoMatch, arg, describe, erase_dead, is_noop_cast_of, meta, op, plain_tensor, regime_runs,
-                          set_fake_value)
+from .graph_utils import (NoMatch, arg, describe, erase_dead, is_noop_cast_of, meta, mutates_between, op, plain_tensor,
+                          regime_runs, set_fake_value)
 
 NAME = "concat_linear"
 _ids = itertools.count(1)
@@ -49,8 +51,11 @@ def _linear_readers(x: fx.Node) -> list[fx.Node]:
             found.append(user)
         elif is_noop_cast_of(user, x):
             found.extend(u for u in user.users if op(u) == "linear" and arg(u, 0, "input") is user)
+    found = set(found)
+    if len(found) < 2:
+        return list(found)
     order = {n: i for i, n in enumerate(x.graph.nodes)}
-    return sorted(set(found), key=order.__getitem__)
+    return sorted(found, key=order.__getitem__)
 
 
 def _group_key(linear: fx.Node) -> tuple | None:
@@ -69,6 +74,35 @@ def _group_key(linear: fx.Node) -> tuple | None:
             return None
         bias_key = b.requires_grad
     return w.dtype, w.device, w.shape[1], w.requires_grad, bias is not None, bias_key
+
+
+#: Ops that return a view of their input (a strided piece stays strided through them).
+_VIEW_OPS = frozenset({"view", "transpose", "unsqueeze", "expand", "getitem", "permute", "squeeze"})
+
+
+def _last_dim_split(view: fx.Node, source: fx.Node) -> bool:
+    """``view`` only splits ``source``'s last dimension (HF's ``q.view(*input_shape, -1, head_dim)``),
+    which a column slice of a wider output allows; anything else may need a contiguous input."""
+    src, out = meta(source), meta(view)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() < src.dim():
+        return False
+    lead = src.dim() - 1
+    return all(statically_known_true(a == b) for a, b in zip(src.shape[:lead], out.shape[:lead]))
+
+
+def _strided_ok(output: fx.Node) -> bool:
+    """Every ``view`` reached from ``output`` through view ops accepts a column slice: a direct
+    one that splits the last dimension; none deeper (those could merge a strided dimension)."""
+    stack = [(user, output, 0) for user in output.users]
+    while stack:
+        node, source, depth = stack.pop()
+        name = op(node) or (node.target if node.op == "call_method" else None)
+        if name in ("view", "view_as"):
+            if depth > 0 or name == "view_as" or not _last_dim_split(node, source):
+                return False
+        if name in _VIEW_OPS or name in ("view_as", "permute", "squeeze"):
+            stack.extend((user, node, depth + 1) for user in node.users)
+    return True
 
 
 def _defined_before(nodes: list[fx.Node], point: fx.Node) -> bool:
@@ -92,14 +126,25 @@ def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
         key = _group_key(linear)
         if key is not None and key[0] == x.dtype:
             groups.setdefault(key, []).append(linear)
-    found = []
+    found, refused = [], []
     for members in (run for group in groups.values() for run in regime_runs(group)):
+        if len(members) < 2:
+            continue
         operands = [m for lin in members for m in (arg(lin, 1, "weight"), arg(lin, 2, "bias")) if m is not None]
-        if len(members) >= 2 and _defined_before(operands, members[0]):
+        if not _defined_before(operands, members[0]):
+            refused.append("a weight is computed after the first linear")
+        elif mutates_between(members[0], members[-1]):
+            refused.append("an in-place op lies between the linears (the fused GEMM would read before it)")
+        elif not all(_strided_ok(m) for m in members):
+            refused.append("an output is viewed in a way a column slice does not allow")
+        else:
             found.append(members)
     if not found:
-        raise NoMatch(f"{len(readers)} linears read {node.name} but no two share weight dtype, "
-                      "trainability, bias and autocast/grad mode, with weights defined before the first")
+        # linears that share no GEMM at all (a LoRA'd projection: frozen base, trainable lora_A)
+        # are the common case, not worth a line in explain each
+        raise NoMatch(f"{len(readers)} linears read {node.name}: " + (
+            "; ".join(refused) if refused else "no two share weight dtype, trainability, bias and "
+                                               "autocast/grad mode"), quiet=not refused)
     return node, found
 
 
@@ -116,13 +161,15 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node], tag: bool) -> 
             b_cat = graph.call_function(torch.cat, (biases,), {"dim": 0})
             cats.append(b_cat)
         fused = graph.call_function(torch._C._nn.linear, (x, w_cat, b_cat))
-        parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
-        pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+        # narrow, not split: each piece a view of its own, which in-place ops on it may modify
+        # (autograd forbids modifying one of several views a split returns)
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        pieces = [graph.call_function(torch.narrow, (fused, -1, o, n)) for o, n in zip(offsets, sizes)]
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in members[0].meta:
-            for n in (*cats, fused, parts, *pieces):
+            for n in (*cats, fused, *pieces):
                 n.meta[key] = members[0].meta[key]
-    for n in (*cats, fused, parts, *pieces):
+    for n in (*cats, fused, *pieces):
         set_fake_value(gm, n)
     if tag:  # rebuilt in backward from the parameters, not held from forward
         region = next(_ids)
@@ -145,5 +192,6 @@ def rewrite(gm: fx.GraphModule, found: tuple[fx.Node, list[list[fx.Node]]], ctx)
     tag = ctx is None or gm.graph is ctx.root.graph
     fused = [_fuse(gm, x, members, tag) for members in groups]
     for extra in fused[1:]:
-        ctx.swap(NAME, describe(extra))
+        if ctx is not None:
+            ctx.swap(NAME, describe(extra))
     return fused[0]

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree  # noqa: F401 - fake_mode_of walks multi-output values
 
 class NoMatch(Exception):
     """A candidate that is not provably the pattern; the message is the reason explain shows.
@@ -175,9 +176,10 @@ def fake_mode_of(nodes: "Iterable[Any] | fx.GraphModule"):
     if isinstance(nodes, fx.GraphModule):
         nodes = nodes.graph.nodes
     for value in map(meta, nodes):
-        mode = getattr(value, "fake_mode", None)
-        if mode is not None:
-            return mode
+        for leaf in torch.utils._pytree.tree_leaves(value):  # a multi-output node records a tuple
+            mode = getattr(leaf, "fake_mode", None)
+            if mode is not None:
+                return mode
     return None
 
 
@@ -206,11 +208,37 @@ def set_fake_value(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 #: Calls that change how the ops after them run (autocast dtype, grad mode).
-_REGIME_CHANGES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled"})
+_REGIME_CHANGES = frozenset({"_enter_autocast", "_exit_autocast", "_set_grad_enabled", "_enter_inference_mode",
+                             "_exit_inference_mode"})
 
 
 def is_regime_change(node: fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "__name__", "") in _REGIME_CHANGES
+
+
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+                                operator.setitem, operator.ior, operator.iand})
+
+
+def is_mutation(node: fx.Node) -> bool:
+    """``node`` may write into an existing tensor (``x.add_()``, ``x += y``, ``x[i] = v``, ``out=``)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if "out" in node.kwargs or node.target in _INPLACE_OPERATORS:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def mutates_between(first: fx.Node, last: fx.Node) -> bool:
+    """Some node strictly between ``first`` and ``last`` (graph order) writes in place: moving a
+    read of a tensor across it could read another value (kept conservative: any mutation)."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if is_mutation(node):
+            return True
+        node = node.next
+    return False
 
 
 def regime_runs(members: list[fx.Node]) -> list[list[fx.Node]]:

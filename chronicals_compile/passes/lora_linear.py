@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from .graph_utils import (NoMatch, arg, binary_operands, cast_target, dtype_of, erase_dead, is_noop_cast_of,
-                          is_regime_change, meta, op, plain_tensor, set_fake_value)
+                          is_regime_change, meta, mutates_between, op, plain_tensor, set_fake_value)
 
 NAME = "lora_linear"
 #: Projections at least this many times wider out than in (an MLP's gate and up: 4864 / 896).
@@ -124,8 +124,11 @@ def match(node: fx.Node, ctx=None) -> dict:
         raise NoMatch(f"adapter shapes {tuple(la.shape)}, {tuple(lb.shape)} do not fit the weight {tuple(w.shape)}")
     interior = [base, *found["nodes"]] + ([adapter_in] if adapter_in is not x else [])
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    if _crosses_regime_change(min(interior, key=order.__getitem__), node):
+    first = min(interior, key=order.__getitem__)
+    if _crosses_regime_change(first, node):
         raise NoMatch("an autocast or grad-mode change lies between the base and the adapter")
+    if mutates_between(first, node):
+        raise NoMatch("an in-place op lies between the base and the add (the fused GEMM runs at the add)")
     return {"out": node, "args": (x, weight, bias, found["lora_a"], found["lora_b"], found["scale"]),
             "interior": interior}
 

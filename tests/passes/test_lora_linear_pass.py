@@ -158,3 +158,20 @@ def test_off_by_default():
     model = with_lora(tiny_model("llama", layers=1, hidden=64, intermediate=160))
     report = chronicals_compile.explain(model, options={"compiler": "aot_eager"}, **random_batch(seq=8))
     assert "lora_linear" not in report.swaps, str(report)
+
+
+def test_second_derivative_equals_the_reference():
+    """create_graph=True (gradient penalties): the backward is differentiable like peft's GEMMs."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, dtype=torch.float64, generator=gen)
+    w = torch.randn(15, 7, dtype=torch.float64, generator=gen)
+    a, lb = torch.randn(3, 7, dtype=torch.float64, generator=gen), torch.randn(15, 3, dtype=torch.float64, generator=gen)
+    results = []
+    for fn in (lambda *t: torch.ops.chronicals.lora_linear(*t, 2.0)[0], lambda *t: lora_linear_reference(*t, 2.0)):
+        leaves = [x.clone().requires_grad_(), w.clone(), None, a.clone().requires_grad_(), lb.clone().requires_grad_()]
+        y = fn(*leaves)
+        grads = torch.autograd.grad(y.pow(2).sum(), [leaves[0], leaves[3], leaves[4]], create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        results.append(torch.autograd.grad(penalty, [leaves[0], leaves[3], leaves[4]]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
