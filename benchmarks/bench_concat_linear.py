@@ -3,15 +3,19 @@ pass builds), forward+backward, eager autograd, at a decoder layer's shapes. Why
 by default until the GPU says it wins; this isolates the GEMMs (and the cat/split around them)
 from the rest of the step.
 
-    python benchmarks/bench_concat_linear.py [--tokens 16384] [--reps 30]
+    python benchmarks/bench_concat_linear.py [--tokens 16384] [--reps 50]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 #: (label, input width, [(out features, bias)], weights train)
 GROUPS = [
@@ -50,18 +54,7 @@ def _time(fn, x, ws, bs, grads, reps):
         for t in leaves:
             t.grad = None
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return common.do_bench_ms(step, rep=reps)
 
 
 def _check(x, ws, bs, grads):
@@ -79,11 +72,11 @@ def _check(x, ws, bs, grads):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=50, help="milliseconds of timed runs (do_bench)")
     args = ap.parse_args()
     device, dtype = "cuda", torch.bfloat16
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.tokens} tokens, bf16, "
-          f"fwd+bwd median of {args.reps}, eager autograd")
+          f"fwd+bwd median (triton do_bench, --reps ms of runs), eager autograd")
     print("| group | apart ms | one GEMM ms | speed-up | max rel grad diff |")
     print("|---|---|---|---|---|")
     for label, d, outs, trains in GROUPS:

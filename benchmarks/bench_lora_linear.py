@@ -4,7 +4,7 @@ default until the GPU says it wins; this isolates the projection from the step. 
 base and adapter outputs in a kernel of their own, where Inductor folds the add into the next
 pointwise kernel: the step (``e2e.py`` variant chronicals-lora-linear) is the verdict.
 
-    python benchmarks/bench_lora_linear.py [--tokens 16384] [--reps 30]
+    python benchmarks/bench_lora_linear.py [--tokens 16384] [--reps 50]
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import chronicals_compile.ops  # noqa: E402,F401 - registers torch.ops.chronicals.*
 from chronicals_compile.ops.lora_linear import lora_linear_reference  # noqa: E402
 
@@ -31,28 +33,17 @@ def _time(fn, leaves, grad, reps):
             if t is not None:
                 t.grad = None
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return common.do_bench_ms(step, rep=reps)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=50, help="milliseconds of timed runs (do_bench)")
     args = ap.parse_args()
     dev, dtype = "cuda", torch.bfloat16
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.tokens} tokens, bf16, "
-          f"frozen base, fwd+bwd median of {args.reps}, eager")
+          f"frozen base, fwd+bwd median (triton do_bench, --reps ms of runs), eager")
     print("| projection | peft (3 GEMMs + add) ms | lora_linear ms | speed-up | peak MiB peft / ours |")
     print("|---|---|---|---|---|")
     for label, width, out, r in SHAPES:

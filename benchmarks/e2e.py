@@ -62,6 +62,14 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
                 "chronicals-autotune": "max-autotune-no-cudagraphs"}
+#: Patterns a chronicals variant enables beyond the defaults (rope and gqa_attention are on by
+#: default since sessions 6 and 5: their variants name them for older defaults).
+VARIANT_ENABLE = {
+    "chronicals-rope": ["rope"], "chronicals-rope-cudagraphs": ["rope"], "chronicals-gqa": ["gqa_attention"],
+    "chronicals-concat": ["concat_linear"],  # q/k/v and gate/up (and LoRA's lora_A) as one GEMM each
+    "chronicals-lora-linear": ["lora_linear"],  # LoRA's wide projections: base and adapter in one GEMM
+    "chronicals-lora-fused": ["lora_linear", "concat_linear"],
+}
 #: Environment of a variant's worker process, set before chronicals_compile is imported.
 VARIANT_ENV = {
     # cut cross-entropy with 4096-row gradient chunks and tile logits (kernel sweep: 26.4 vs 28.1 ms,
@@ -179,16 +187,8 @@ def worker(spec: dict) -> dict:
             "compiler": spec["chronicals_compiler"]}
         if variant == "chronicals-all":
             options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
-        if variant in ("chronicals-rope", "chronicals-rope-cudagraphs"):  # rope on by default since session 6: these name it for older defaults
-            options["enable"] = ["rope"]
-        if variant == "chronicals-concat":  # q/k/v and gate/up (and LoRA's lora_A) as one GEMM each
-            options["enable"] = ["concat_linear"]
-        if variant == "chronicals-lora-linear":  # LoRA's wide projections: base and adapter in one GEMM
-            options["enable"] = ["lora_linear"]
-        if variant == "chronicals-lora-fused":
-            options["enable"] = ["lora_linear", "concat_linear"]
-        if variant == "chronicals-gqa":  # SDPA reads the unexpanded k/v (enable_gqa), off by default
-            options["enable"] = ["gqa_attention"]
+        if variant in VARIANT_ENABLE:
+            options["enable"] = VARIANT_ENABLE[variant]
         if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)
             options["memory_budget"] = spec["lean_budget"]
         if variant == "chronicals-tuned":

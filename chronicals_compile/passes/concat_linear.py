@@ -100,7 +100,7 @@ def _strided_ok(output: fx.Node) -> bool:
         if name in ("view", "view_as"):
             if depth > 0 or name == "view_as" or not _last_dim_split(node, source):
                 return False
-        if name in _VIEW_OPS or name in ("view_as", "permute", "squeeze"):
+        if name in _VIEW_OPS or name == "view_as":
             stack.extend((user, node, depth + 1) for user in node.users)
     return True
 

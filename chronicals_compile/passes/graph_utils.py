@@ -230,15 +230,20 @@ def is_mutation(node: fx.Node) -> bool:
     return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
 
 
-def mutates_between(first: fx.Node, last: fx.Node) -> bool:
-    """Some node strictly between ``first`` and ``last`` (graph order) writes in place: moving a
-    read of a tensor across it could read another value (kept conservative: any mutation)."""
+def any_between(first: fx.Node, last: fx.Node, predicate) -> bool:
+    """``predicate`` holds for some node strictly between ``first`` and ``last`` (graph order)."""
     node = first.next
     while node is not last and node.op != "root":
-        if is_mutation(node):
+        if predicate(node):
             return True
         node = node.next
     return False
+
+
+def mutates_between(first: fx.Node, last: fx.Node) -> bool:
+    """Some node between ``first`` and ``last`` writes in place: moving a read of a tensor across
+    it could read another value (kept conservative: any mutation)."""
+    return any_between(first, last, is_mutation)
 
 
 def regime_runs(members: list[fx.Node]) -> list[list[fx.Node]]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_utils import (NoMatch, arg, binary_operands, cast_target, dtype_of, erase_dead, is_noop_cast_of,
+from .graph_utils import (NoMatch, any_between, arg, binary_operands, cast_target, dtype_of, erase_dead, is_noop_cast_of,
                           is_regime_change, meta, mutates_between, op, plain_tensor, set_fake_value)
 
 NAME = "lora_linear"
@@ -67,15 +67,6 @@ def _scaled_adapter(node: Any) -> dict | None:
                 "scale": scale if isinstance(scale, fx.Node) else float(scale),
                 "nodes": [node, outer, inner]}
     return None
-
-
-def _crosses_regime_change(first: fx.Node, last: fx.Node) -> bool:
-    node = first.next
-    while node is not last:
-        if is_regime_change(node):
-            return True
-        node = node.next
-    return False
 
 
 def is_anchor(node: fx.Node) -> bool:
@@ -125,7 +116,7 @@ def match(node: fx.Node, ctx=None) -> dict:
     interior = [base, *found["nodes"]] + ([adapter_in] if adapter_in is not x else [])
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     first = min(interior, key=order.__getitem__)
-    if _crosses_regime_change(first, node):
+    if any_between(first, node, is_regime_change):
         raise NoMatch("an autocast or grad-mode change lies between the base and the adapter")
     if mutates_between(first, node):
         raise NoMatch("an in-place op lies between the base and the add (the fused GEMM runs at the add)")
