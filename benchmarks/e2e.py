@@ -57,7 +57,7 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
             "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat",
-            "chronicals-lora-linear", "chronicals-lora-fused")
+            "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
@@ -70,6 +70,8 @@ VARIANT_ENABLE = {
     "chronicals-lora-linear": ["lora_linear"],  # LoRA's wide projections: base and adapter in one GEMM
     "chronicals-lora-fused": ["lora_linear", "concat_linear"],
 }
+#: Patterns a chronicals variant turns off (a default measured against its absence).
+VARIANT_DISABLE = {"chronicals-noconcat": ["concat_linear"]}
 #: Environment of a variant's worker process, set before chronicals_compile is imported.
 VARIANT_ENV = {
     # cut cross-entropy with 4096-row gradient chunks and tile logits (kernel sweep: 26.4 vs 28.1 ms,
@@ -189,6 +191,8 @@ def worker(spec: dict) -> dict:
             options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
         if variant in VARIANT_ENABLE:
             options["enable"] = VARIANT_ENABLE[variant]
+        if variant in VARIANT_DISABLE:
+            options["disable"] = VARIANT_DISABLE[variant]
         if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)
             options["memory_budget"] = spec["lean_budget"]
         if variant == "chronicals-tuned":

@@ -5,7 +5,10 @@
 # Usage (device tool, carry .whl): CHRONICALS_COMMIT=<sha> bash benchmarks/gpu_session.sh STAGE[=seconds] ...
 # (the device copy has no .git: pass the commit the tree was sent at)
 # Stages (default seconds):
-#   tests=200       tests/gpu, one pytest process per file in parallel (one process took > 4 min)
+#   tests=200       tests/gpu, one pytest process per file in parallel (one process took > 4 min);
+#                   $GPU_TEST_FILES narrows the files
+#   tests-bg=200    the same in the background (beside an e2e stage's untimed compiles); tests-wait
+#                   waits for it and prints its summary
 #   e2e=480         Qwen0.5B 8x2048 full FT: eager, inductor, liger, liger-compiled, cce, cce-exact, chronicals, chronicals-all, chronicals-lean
 #                   ($E2E_VARIANTS overrides the list)
 #   e2e-lora=540    the same shape with LoRA r=32: eager, inductor, liger, cce-exact, chronicals
@@ -57,7 +60,7 @@ E2E="python3 benchmarks/e2e.py --commit $COMMIT --steps 10 --warmup 3 --out $OUT
 
 run_tests() {
   mkdir -p /tmp/gpu_logs
-  for f in tests/gpu/test_*.py; do
+  for f in ${GPU_TEST_FILES:-tests/gpu/test_*.py}; do
     (timeout "$1" python3 -m pytest "$f" -q -p no:cacheprovider -p no:logging -o addopts="" -W ignore --durations=3 \
        > "/tmp/gpu_logs/$(basename "$f" .py).log" 2>&1; echo "rc=$?" >> "/tmp/gpu_logs/$(basename "$f" .py).log") &
   done
@@ -72,6 +75,8 @@ for stage in "${stages[@]}"; do
   echo "== $name"
   case "$name" in
     tests) run_tests "${secs:-200}" ;;
+    tests-bg) run_tests "${secs:-200}" > /tmp/gpu_tests_bg.out 2>&1 & TESTS_BG=$! ;;
+    tests-wait) wait "${TESTS_BG:-}" 2>/dev/null; cat /tmp/gpu_tests_bg.out ;;
     e2e) timeout "${secs:-480}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e \
            --variants "${E2E_VARIANTS:-eager,inductor,liger,liger-compiled,cce,cce-exact,chronicals,chronicals-all,chronicals-lean}" 2>&1 | grep "^e2e:\|^|" ;;
     e2e-lora) timeout "${secs:-540}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora \

@@ -34,9 +34,6 @@ CUDA_OFF_BY_DEFAULT = {
 OFF_BY_DEFAULT = {
     "add_rms_norm": "forward+backward 0.90-1.00x Inductor's own fusion of the residual add into its "
                     "norm on the H200 (benchmarks/results/2026-11-28-h200-session3/micro.md)",
-    "concat_linear": "0.6% faster at 0.75 GiB more peak memory in the Qwen0.5B 8x2048 step on the "
-                     "H200, q/k/v fused (within run-to-run spread; "
-                     "benchmarks/results/2026-12-02-h200-session7/call2/e2e_concat.md)",
 }
 
 #: Patterns never applied on CUDA, even when enabled: the reason names what goes wrong there.

@@ -41,11 +41,11 @@ EXPECTED = {
     "Gemma2": {"rms_norm": 9, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1, **GATE},
 }
 #: linears on one input fused into one GEMM (concat_linear, enabled here though off by default, so
-#: every architecture checks it): q/k/v and gate/up each layer; Phi-3 has both fused already, GLM
-#: its gate_up; Cohere's parallel block reads one norm for attention and MLP (one group of five);
-#: StarCoder2, Mixtral and Arcee have no gate/up pair (GELU MLP, experts, relu^2); Qwen2-MoE's
-#: router and shared expert are refused: the experts' in-place index_add_ lies between them
-CONCAT = {"Phi3": 0, "Glm": 2, "Glm4": 2, "Cohere": 2, "Starcoder2": 2, "Mixtral": 2, "Arcee": 2, "Qwen2Moe": 2}
+#: every architecture checks it): q/k/v each layer (gate/up is refused everywhere: too wide to pay,
+#: which explain says); Phi-3 has q/k/v fused already; Cohere's parallel block reads one norm for
+#: attention and MLP (one group of five, narrow enough at the tiny shape); Qwen2-MoE's router and
+#: shared expert are refused: the experts' in-place index_add_ lies between them
+CONCAT = {"Phi3": 0}
 #: architectures transformers runs with its own attention code only
 EAGER_ATTENTION = {"Gemma2"}
 AVAILABLE = [name for name in EXPECTED if hasattr(transformers, f"{name}ForCausalLM")]
@@ -74,7 +74,7 @@ def test_unseen_architecture_trains_like_eager(name):
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     report, eager, compiled = compiled_vs_eager(_tiny(name), {"input_ids": ids, "labels": ids},
                                                 options={"compiler": "aot_eager", "enable": ["concat_linear"]})
-    concat = CONCAT.get(name, 4)
+    concat = CONCAT.get(name, 2)
     assert report.swaps == {**EXPECTED[name], **({"concat_linear": concat} if concat else {})}, str(report)
     if name == "Gemma2":  # the soft-capped loss was fused: no logits come back in training
         assert report.output.logits is None

@@ -154,9 +154,15 @@ def test_an_add_with_alpha_is_not_lora():
     assert "lora_linear" not in report.swaps, str(report)
 
 
-def test_off_by_default():
+def test_on_by_default_and_disabled_by_name():
+    """On by default since the H200 measured it (Qwen0.5B LoRA step 117.1 -> 111.2 ms, session 7);
+    ``disable`` turns it off."""
     model = with_lora(tiny_model("llama", layers=1, hidden=64, intermediate=160))
-    report = chronicals_compile.explain(model, options={"compiler": "aot_eager"}, **random_batch(seq=8))
+    batch = random_batch(seq=8)
+    report = chronicals_compile.explain(copy.deepcopy(model), options={"compiler": "aot_eager"}, **batch)
+    assert report.swaps.get("lora_linear") == 2, str(report)  # gate, up
+    torch._dynamo.reset()
+    report = chronicals_compile.explain(model, options={"compiler": "aot_eager", "disable": ["lora_linear"]}, **batch)
     assert "lora_linear" not in report.swaps, str(report)
 
 
