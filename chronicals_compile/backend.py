@@ -31,10 +31,10 @@ def chronicals_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**(list_mode_options(mode) if mode else {}), **inductor_options}
-    if ours.enabled("gate_recompute"):  # recompute tags live in node metadata, which caches do not hash
-        from .passes.gate_recompute import joint_pass_patch
+    # the compile caches hash graphs, not our ops' bodies or our node metadata: key them by our source
+    from .compile_cache import joint_pass_patch
 
-        patches.update(joint_pass_patch(patches))
+    patches.update(joint_pass_patch(patches, ours))
     if ours.memory_budget is None:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     # The partition (what forward saves for backward) is decided while compile_fx runs.

@@ -16,9 +16,8 @@ unfused ``silu``/``gelu``/``relu``/``a * sigmoid(a)`` times the other operand; t
 feed a linear (the down projection, or peft LoRA's base and adapter linears).
 
 The caches of AOTAutograd and Inductor hash a graph's code, not its node metadata: a graph
-compiled with the tags would be served to the same graph without them (and the reverse). So the
-backend installs ``CACHE_KEY`` as a joint-graph pass whose uuid names this policy
-(``joint_pass_patch``); it changes nothing in the graph.
+compiled with the tags would be served to the same graph without them (and the reverse), were
+the caches not keyed by our source (``compile_cache``).
 """
 from __future__ import annotations
 
@@ -28,15 +27,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .graph_utils import NoMatch, arg, meta, op
 from .swiglu import _is_silu_product
 
 NAME = "gate_recompute"
-#: Bumped whenever the choice of tagged nodes changes, so old cache entries are not reused.
-POLICY_VERSION = 1
 _ACTIVATIONS = ("silu", "gelu", "relu")
 _ids = itertools.count(1)
 
@@ -104,42 +100,3 @@ def rewrite(gm: fx.GraphModule, tagged: list[fx.Node], ctx) -> fx.Node:
         node.meta["ac_graph_id"] = region
     return tagged[-1]
 
-
-class _CacheKey(CustomGraphPass):
-    """A joint-graph pass that changes nothing: its uuid keys the compile caches by this policy."""
-
-    def __call__(self, graph: fx.Graph) -> None:
-        return None
-
-    def uuid(self) -> Any:
-        return f"chronicals.gate_recompute.v{POLICY_VERSION}"
-
-
-class _Chained(CustomGraphPass):
-    """Ours after the user's own joint-graph pass (Inductor takes one)."""
-
-    def __init__(self, first: Any, second: CustomGraphPass):
-        self.first, self.second = first, second
-
-    def __call__(self, graph: fx.Graph) -> None:
-        self.first(graph)
-        self.second(graph)
-
-    def uuid(self) -> Any:
-        first = self.first.uuid() if hasattr(self.first, "uuid") else None
-        return None if first is None else (first, self.second.uuid())
-
-
-CACHE_KEY = _CacheKey()
-
-
-def joint_pass_patch(inductor_options: dict[str, Any]) -> dict[str, Any]:
-    """The Inductor config patch that installs ``CACHE_KEY``, keeping a pass the user set."""
-    import torch._inductor.config as inductor_config
-
-    current = inductor_options.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
-    if current is None or current is CACHE_KEY:
-        return {"joint_custom_pre_pass": CACHE_KEY}
-    if isinstance(current, list):  # torch versions that take a list of passes
-        return {"joint_custom_pre_pass": [*current, CACHE_KEY]}
-    return {"joint_custom_pre_pass": _Chained(current, CACHE_KEY)}

@@ -27,3 +27,12 @@ def saved_tensors(loss: torch.Tensor) -> list[torch.Tensor]:
 def saved_bytes(loss: torch.Tensor) -> int:
     """Bytes of ``saved_tensors(loss)``, each saved tensor counted at its own size."""
     return sum(t.numel() * t.element_size() for t in saved_tensors(loss))
+
+
+def held_bytes(loss: torch.Tensor, parameters) -> int:
+    """Bytes of the distinct storages saved behind ``loss`` that are not ``parameters``' own: what
+    holding the graph for backward costs on top of the model (a saved weight is free, a saved
+    copy of one is not)."""
+    own = {p.untyped_storage().data_ptr() for p in parameters}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved_tensors(loss)}
+    return sum(n for ptr, n in storages.items() if ptr not in own)

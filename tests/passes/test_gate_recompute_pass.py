@@ -69,27 +69,6 @@ def test_lora_products_tagged_and_training_unchanged():
     assert_same_training_step(eager, compiled)
 
 
-class _UserPass(gate_recompute.CustomGraphPass):
-    calls = 0
-
-    def __call__(self, graph):
-        _UserPass.calls += 1
-
-    def uuid(self):
-        return "user-pass"
-
-
-def test_a_users_joint_pass_is_kept_and_keys_the_cache_with_ours():
-    assert gate_recompute.joint_pass_patch({}) == {"joint_custom_pre_pass": gate_recompute.CACHE_KEY}
-    user = _UserPass()
-    chained = gate_recompute.joint_pass_patch({"joint_custom_pre_pass": user})["joint_custom_pre_pass"]
-    chained(torch.fx.Graph())
-    assert _UserPass.calls == 1
-    assert chained.uuid() == ("user-pass", gate_recompute.CACHE_KEY.uuid())
-    listed = gate_recompute.joint_pass_patch({"joint_custom_pre_pass": [user]})["joint_custom_pre_pass"]
-    assert listed == [user, gate_recompute.CACHE_KEY]
-
-
 def test_checkpointed_layers_are_left_to_checkpointing():
     model = tiny_model("qwen2", layers=LAYERS)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

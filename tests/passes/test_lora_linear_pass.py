@@ -14,6 +14,7 @@ import chronicals_compile.ops  # noqa: F401 - registers torch.ops.chronicals.*
 from chronicals_compile.ops.lora_linear import lora_linear_reference
 from chronicals_compile.testing import random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
+from chronicals_compile.testing.saved import held_bytes
 from chronicals_compile.verify import lora_linear as verify_lora_linear
 from chronicals_compile.verify.tolerance import assert_all_ok
 
@@ -152,6 +153,22 @@ class _AddWithAlpha(torch.nn.Module):
 def test_an_add_with_alpha_is_not_lora():
     report = chronicals_compile.explain(_AddWithAlpha(), torch.randn(3, 8), options=ON)
     assert "lora_linear" not in report.swaps, str(report)
+
+
+def test_holds_no_more_for_backward_than_peft():
+    """Through Inductor (AOTAutograd decomposes the op): backward holds what peft's three GEMMs
+    hold, parameters aside; a backward that reused the forward's ``[W, sB]`` made the partition
+    save that copy of every frozen weight (0.43 GiB at Qwen0.5B)."""
+    base = with_lora(tiny_model("qwen2", layers=LAYERS, hidden=64, intermediate=320))
+    batch = random_batch(seq=64)
+    held = {}
+    for label, disable in (("ours", []), ("peft", ["lora_linear"])):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        report = chronicals_compile.explain(model, options={"disable": disable}, **batch)
+        assert report.swaps.get("lora_linear", 0) == (2 * LAYERS if label == "ours" else 0), str(report)
+        held[label] = held_bytes(report.output.loss, model.parameters())
+    assert held["ours"] <= held["peft"], held
 
 
 def test_on_by_default_and_disabled_by_name():
