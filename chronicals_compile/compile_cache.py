@@ -88,7 +88,7 @@ def joint_pass_patch(inductor_options: dict[str, Any], options: Any) -> dict[str
     current = inductor_options.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
     if current is None or isinstance(current, _CacheKey):
         return {"joint_custom_pre_pass": key}
-    if isinstance(current, list):  # torch versions that take a list of passes
+    if isinstance(current, (list, tuple)):  # Inductor takes one pass or a sequence of them
         return {"joint_custom_pre_pass": [*(p for p in current if not isinstance(p, _CacheKey)), key]}
     if isinstance(current, _Chained):
         current = current.first

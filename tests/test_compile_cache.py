@@ -57,3 +57,16 @@ def test_a_users_joint_pass_is_kept_and_keys_the_cache_with_ours():
     assert again.uuid() == ("user-pass", ours.uuid())
     listed = compile_cache.joint_pass_patch({"joint_custom_pre_pass": [user]}, Options())["joint_custom_pre_pass"]
     assert listed == [user, ours]
+    tupled = compile_cache.joint_pass_patch({"joint_custom_pre_pass": (user,)}, Options())["joint_custom_pre_pass"]
+    assert tupled == [user, ours]
+
+
+def test_a_tuple_of_user_passes_compiles_and_runs():
+    """Inductor accepts a tuple of joint passes; ours joins it instead of being called as one."""
+    _UserPass.calls = 0
+    compiled = torch.compile(lambda x: (x.sin() * 2).sum(), backend="chronicals",
+                             options={"joint_custom_pre_pass": (_UserPass(),)})
+    x = torch.randn(5, requires_grad=True)
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach().cos())
+    assert _UserPass.calls >= 1

@@ -16,7 +16,8 @@ grad-mode change inside. Only wide projections (out >= ``MIN_WIDENING`` x in): t
 ``[x, t]``, which a narrow projection's saving does not repay. A dropout on the adapter's input
 (``lora_dropout > 0``) gives it a different input than the base: left alone.
 
-Off by default until a GPU step measures it.
+On by default: the Qwen2.5-0.5B LoRA r=32 step on the H200 went from 117.1 to 111.2 ms with it
+(benchmarks/results/2026-12-02-h200-session7/call2/e2e_lora_levers.md).
 """
 from __future__ import annotations
 
