@@ -1,7 +1,9 @@
 """``torch.ops.chronicals.*``: importing this package registers every op.
 
 Each op is a ``torch.library.custom_op`` with a SymInt-safe fake kernel, a registered autograd
-formula whose backward is itself an op, a CUDA kernel (Triton) and a CPU reference.
+formula whose backward is itself an op, a CUDA kernel (Triton) and a CPU reference; ``lora_linear``
+(torch ops only) is a ``triton_op`` instead, which AOTAutograd decomposes so that Inductor launches
+its GEMMs.
 """
 from __future__ import annotations
 
