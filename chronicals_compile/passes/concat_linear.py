@@ -23,10 +23,11 @@ GEMM reads the input where the first linear did), leaves the group alone.
 
 Off by default: measured neutral in the Qwen0.5B step on the H200 (session 7: full fine-tuning
 0.6% faster at 0.75 GiB more peak memory with q/k/v fused; LoRA 0.7% slower with the frozen q/k/v
-and their ``lora_A`` fused), while a pair as wide as an MLP's gate/up lost 16% alone. Left alone: weights that are tensor subclasses
-(DTensor under FSDP/tensor parallelism), symbolic weight shapes, mixed biases (some linears with
-one, some without), a weight computed after the first linear that would use it, and linears on
-either side of an autocast or grad-mode change (a router run in fp32 beside bf16 experts).
+and their ``lora_A`` fused), while a pair as wide as an MLP's gate/up lost 16% alone. Left alone:
+weights that are tensor subclasses (DTensor under FSDP/tensor parallelism), symbolic weight
+shapes, mixed biases (some linears with one, some without), a weight computed after the first
+linear that would use it, and linears on either side of an autocast or grad-mode change (a router
+run in fp32 beside bf16 experts).
 """
 from __future__ import annotations
 
@@ -107,6 +108,10 @@ def _strided_ok(output: fx.Node) -> bool:
     return True
 
 
+def _fused_width(members: list[fx.Node]) -> int:
+    return sum(meta(arg(m, 1, "weight")).shape[0] for m in members)
+
+
 def _pays(members: list[fx.Node]) -> bool:
     """Traffic per token, in elements: fusing saves, for each linear after the first, a read of
     the input in forward and for the weight gradient, plus the input-gradient add (three reads
@@ -115,8 +120,7 @@ def _pays(members: list[fx.Node]) -> bool:
     Qwen0.5B q/k/v (1152 of 896) 1.30x faster as one GEMM, its gate/up (9728 of 896) 0.84x, where
     this rule says yes and no."""
     width_in = meta(arg(members[0], 1, "weight")).shape[1]
-    width_out = sum(meta(arg(m, 1, "weight")).shape[0] for m in members)
-    return 2 * width_out <= 5 * (len(members) - 1) * width_in
+    return 2 * _fused_width(members) <= 5 * (len(members) - 1) * width_in
 
 
 def _defined_before(nodes: list[fx.Node], point: fx.Node) -> bool:
@@ -152,8 +156,7 @@ def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
         elif not all(_strided_ok(m) for m in members):
             refused.append("an output is viewed in a way a column slice does not allow")
         elif not _pays(members):
-            width = sum(meta(arg(m, 1, "weight")).shape[0] for m in members)
-            refused.append(f"the fused output ({width} columns) is too wide for its {x.shape[-1]}-column input: "
+            refused.append(f"the fused output ({_fused_width(members)} columns) is too wide for its {x.shape[-1]}-column input: "
                            "gathering its gradient costs more than the reads it saves")
         else:
             found.append(members)

@@ -12,6 +12,7 @@ from chronicals_compile.ops.lora_linear import lora_linear_reference
 from chronicals_compile.report import collecting as report_collecting
 from chronicals_compile.testing import random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, loss_and_grads
+from chronicals_compile.testing.saved import held_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (tests/gpu)")
 
@@ -66,8 +67,6 @@ def test_compiled_peft_step_equals_eager_on_cuda():
 def _step_memory(model, batch):
     """(peak bytes above the model of one compiled step after a warm-up, bytes held for backward
     beyond the parameters)."""
-    from chronicals_compile.testing.saved import held_bytes
-
     def step():
         loss = model(**batch).loss
         loss.backward()
