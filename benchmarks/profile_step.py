@@ -108,6 +108,59 @@ def _cpu_self_times(ops: list[dict]) -> list[dict]:
     return out
 
 
+#: GEMM ops whose kernels the shape table attributes. M, N, K (and a batch) come from the profiler's
+#: "Input Dims" (record_shapes): the first two matrices, after the added input of addmm/baddbmm
+#: (an ``out=`` tensor comes after them).
+_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+TOP_GEMMS = 20
+
+
+def _gemm_flop(op: str, dims: list) -> float | None:
+    operands = dims[1:] if op in ("aten::addmm", "aten::baddbmm") else dims
+    mats = [d for d in operands if isinstance(d, list) and len(d) in (2, 3)]
+    if len(mats) < 2:
+        return None
+    a, b = mats[0], mats[1]
+    batch = a[0] if len(a) == 3 else 1
+    m, k, n = a[-2], a[-1], b[-1]
+    return 2.0 * batch * m * n * k
+
+
+def gemm_shapes(events: list[dict], steps: int) -> list[dict]:
+    """Kernel time per GEMM call shape: which matmuls run below the tensor-core rate. A kernel
+    belongs to the CPU op whose "External id" it carries (directly, or through its launch call's
+    correlation id); cuBLAS split-K reduction kernels count with their GEMM."""
+    ops = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "cpu_op" and e["name"] in _GEMM_OPS and "External id" in args:
+            ops[args["External id"]] = (e["name"], args.get("Input Dims") or [])
+    launch_ext = {(e.get("args") or {}).get("correlation"): (e.get("args") or {}).get("External id")
+                  for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    agg: dict[tuple, dict] = {}
+    for e in events:
+        if e.get("cat") != "kernel":
+            continue
+        args = e.get("args") or {}
+        ext = args.get("External id")
+        if ext not in ops:
+            ext = launch_ext.get(args.get("correlation"))
+        if ext not in ops:
+            continue
+        op, dims = ops[ext]
+        key = (op, json.dumps(dims))
+        row = agg.setdefault(key, {"op": op, "dims": dims, "us": 0.0, "ext": set()})
+        row["us"] += float(e["dur"])
+        row["ext"].add(ext)
+    rows = []
+    for row in agg.values():
+        flop = _gemm_flop(row["op"], row["dims"])
+        calls = len(row["ext"])
+        rows.append({"op": row["op"], "dims": row["dims"], "ms": row["us"] / 1e3 / steps, "calls": calls / steps,
+                     "tflops": flop * calls / (row["us"] * 1e-6) / 1e12 if flop and row["us"] else None})
+    return sorted(rows, key=lambda r: -r["ms"])[:TOP_GEMMS]
+
+
 def analyse_trace(trace: dict, steps: int, device: str) -> dict:
     """Per-step category totals, busy time, launches and the top kernels of a chrome trace."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
@@ -142,6 +195,7 @@ def analyse_trace(trace: dict, steps: int, device: str) -> dict:
         "launch_calls_per_step": len(launch) / steps if launch else None,
         "launch_api_ms": sum(float(e["dur"]) for e in launch) / 1e3 / steps if launch else None,
         "top": [{"name": n[:300], "category": c, "ms": ms, "calls": calls / steps} for n, (ms, calls, c) in top],
+        "gemms": gemm_shapes(events, steps) if device.startswith("cuda") else [],
     }
 
 
@@ -208,7 +262,7 @@ def worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         # The trace is exported when the active window closes (after that the profiler clears it).
-        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=spec["steps"], repeat=1),
+        with profile(activities=activities, record_shapes=True, schedule=schedule(wait=0, warmup=1, active=spec["steps"], repeat=1),
                      on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
             for i in range(spec["steps"] + 1):
                 ms = step()
@@ -314,6 +368,12 @@ def render(results: list[dict]) -> list[tuple[str, str]]:
         rows = [{"kernel": t["name"][:110], "category": t["category"], "ms/step": t["ms"], "calls/step": t["calls"]}
                 for t in r["top"][:TOP]]
         sections.append((f"Top {TOP} kernels: {r['variant']}", markdown_table(rows)))
+    for r in ok:
+        if r.get("gemms"):
+            rows = [{"op": g["op"], "input dims": json.dumps(g["dims"]), "ms/step": g["ms"], "calls/step": g["calls"],
+                     "TFLOP/s": _na(g["tflops"] and round(g["tflops"]))} for g in r["gemms"]]
+            sections.append((f"GEMMs by shape: {r['variant']} (kernel time per op shape, split-K reductions "
+                             "included)", markdown_table(rows)))
     return sections
 
 

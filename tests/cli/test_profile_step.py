@@ -88,3 +88,27 @@ def test_profile_step_tiny_cpu(tmp_path):
     assert runs["chronicals"]["categories"]["loss"]["count"] >= 1  # the fused CE op
     md = (tmp_path / "prof.md").read_text()
     assert "| matmul |" in md and "Top 15 kernels: chronicals" in md
+
+
+def test_gemm_shapes_attribute_kernels_to_their_op_and_rate():
+    """A GEMM kernel counts for the CPU op that launched it (by External id, or through the launch
+    call's correlation), split-K reductions included, and its rate comes from the op's shapes."""
+    def ev(name, cat, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    m, k, n = 16384, 896, 128
+    trace = {"traceEvents": [
+        ev("aten::mm", "cpu_op", 0, 50, **{"External id": 1, "Input Dims": [[m, k], [k, n]]}),
+        ev("nvjet_tst_gemm", "kernel", 10, 20, **{"External id": 1, "correlation": 7}),
+        ev("aten::addmm", "cpu_op", 100, 50, **{"External id": 2, "Input Dims": [[n], [m, k], [k, n], [], []]}),
+        ev("cudaLaunchKernel", "cuda_runtime", 101, 2, **{"External id": 2, "correlation": 9}),
+        ev("nvjet_tst_splitK", "kernel", 110, 20, correlation=9),
+        ev("void cublasLt::splitKreduce_kernel", "kernel", 131, 10, **{"External id": 2}),
+        ev("triton_poi_fused_add_0", "kernel", 150, 5, **{"External id": 3}),
+    ]}
+    rows = profile_step.analyse_trace(trace, steps=1, device="cuda")["gemms"]
+    by_op = {r["op"]: r for r in rows}
+    assert set(by_op) == {"aten::mm", "aten::addmm"}
+    assert by_op["aten::addmm"]["ms"] == pytest.approx(30 / 1e3)
+    assert by_op["aten::mm"]["tflops"] == pytest.approx(2 * m * k * n / 20e-6 / 1e12)
+    assert by_op["aten::addmm"]["calls"] == 1
