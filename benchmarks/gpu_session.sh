@@ -35,6 +35,8 @@
 #   row-sweep=120   the fused mode's row kernel by launch shape, then the fused op by chunk rows
 #   e2e-cce=300     Qwen0.5B 8x2048 full FT: inductor beside chronicals with each gradient chunk size, -lean, -tuned
 #   micro-norm=200  kernel-only microbenchmarks of rms_norm and add_rms_norm
+#   saved-lora=200  LoRA r=32 (bf16 adapters), 4 of Qwen0.5B's layers at 8x2048: what the forward holds for
+#                   backward by shape, and the forward's and backward's peaks, with and without lora_linear
 #   profile=120     profiler breakdown, inductor vs chronicals
 #   profile-lora=180  the same for LoRA r=32 with bf16 adapters
 #   micro=400       kernel-only microbenchmarks of rms_norm, add_rms_norm, swiglu, rope
@@ -118,6 +120,8 @@ for stage in "${stages[@]}"; do
            | grep -v Warning | grep "^##\|^|" ;;
     e2e-llama) timeout "${secs:-300}" $E2E --shapes llama1b-8x2048 --modes full --name e2e_llama1b \
            --variants eager,inductor,liger,chronicals 2>&1 | grep "^e2e:\|^|" ;;
+    saved-lora) timeout "${secs:-200}" python3 benchmarks/saved_activations.py --device cuda --layers 4 --batch 8 --seq 2048 \
+           --lora-r 32 --variants chronicals,chronicals-no-lora-linear 2>&1 | grep -v Warning | tee "$OUT/saved_lora.md" | tail -14 ;;
     profile) timeout "${secs:-120}" python3 benchmarks/profile_step.py --commit "$COMMIT" --out "$OUT" --name profile \
            --variants "${PROFILE_VARIANTS:-inductor,chronicals}" 2>&1 | grep -v Warning | tail -30 ;;
     profile-lora) timeout "${secs:-180}" python3 benchmarks/profile_step.py --commit "$COMMIT" --out "$OUT" --name profile_lora \

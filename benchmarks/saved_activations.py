@@ -38,6 +38,7 @@ VARIANTS = {
     "inductor": None,
     "chronicals": {},
     "chronicals-keep-gate": {"disable": ["gate_recompute"]},
+    "chronicals-no-lora-linear": {"disable": ["lora_linear"]},  # with --lora-r: peft's three GEMMs
 }
 CUDA_DEFAULT_OFF = ["rms_norm", "swiglu", "rope"]
 
@@ -80,6 +81,12 @@ def worker(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     model = presets.build_model(preset, preset.vocab or 4096, dtype=dtype, device=spec["device"], seed=0)
     model.config.use_cache = False
+    if spec.get("lora_r"):  # as e2e.py's LoRA mode with --lora-adapter-dtype model
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=False)
     model.train()
     options = VARIANTS[spec["variant"]]
     if options is None:
@@ -93,18 +100,39 @@ def worker(spec: dict) -> dict:
         chronicals_compile.compile(model, **options)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(spec["device"])
+    on_gpu = spec["device"].startswith("cuda")
+    model(input_ids=ids, labels=ids).loss.backward()  # compiles; the step measured below is the second
+    model.zero_grad(set_to_none=True)
+    phases = {}
+    if on_gpu:
+        torch.cuda.synchronize()
+        phases["before GiB"] = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     loss = model(input_ids=ids, labels=ids).loss
+    if on_gpu:
+        torch.cuda.synchronize()
+        phases["forward peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        phases["after forward GiB"] = torch.cuda.memory_allocated() / 2**30
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tokens = ids.numel()
     per_class: dict[str, int] = {}
+    by_shape: dict[str, int] = {}
     for t in held_tensors(loss):
         if t.untyped_storage().data_ptr() in params:
             continue
         cls = classify(t, model.config)
         per_class[cls] = per_class.get(cls, 0) + t.untyped_storage().nbytes()
+        key = f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"
+        by_shape[key] = by_shape.get(key, 0) + t.untyped_storage().nbytes()
+    if on_gpu:  # where the step's peak is: the forward's end, or inside the backward
+        torch.cuda.reset_peak_memory_stats()
+        loss.backward()
+        torch.cuda.synchronize()
+        phases["backward peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
     layers = model.config.num_hidden_layers
+    top = sorted(by_shape.items(), key=lambda kv: -kv[1])[:10]
     return {"variant": spec["variant"], "tokens": tokens, "layers": layers, "full_layers": full_layers,
-            "bytes": per_class}
+            "bytes": per_class, "phases": phases, "top_saved": top}
 
 
 def main(argv=None) -> int:
@@ -117,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--cpu-defaults", action="store_true", help="keep the CPU's pass defaults")
+    p.add_argument("--lora-r", type=int, default=0, help="peft LoRA of this rank on all linear projections "
+                   "(adapters in the model's dtype)")
     p.add_argument("--full-tokens", type=int, default=8 * 2048, help="tokens of the step to extrapolate to")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -132,7 +162,8 @@ def main(argv=None) -> int:
             print(f"saved_activations: unknown variant {variant!r}; known: {list(VARIANTS)}", file=sys.stderr)
             return 2
         spec = {"variant": variant, "preset": args.preset, "layers": args.layers, "batch": args.batch,
-                "seq": args.seq, "device": device, "dtype": args.dtype, "cpu_defaults": args.cpu_defaults}
+                "seq": args.seq, "device": device, "dtype": args.dtype, "cpu_defaults": args.cpu_defaults,
+                "lora_r": args.lora_r}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                               capture_output=True, text=True, env=env)
@@ -163,6 +194,17 @@ def main(argv=None) -> int:
         loss_mib = r["bytes"].get("vocab", 0) / 2**20
         print(f"| {r['variant']} | " + " | ".join(f"{per[c]:,.0f}" for c in classes)
               + f" | {total:,.0f} | {gib:.2f} | {loss_mib:,.1f} |")
+    if any(r["phases"] for r in rows):
+        print("\nThe measured step (the second; CUDA allocator): allocated before it, the forward's peak, "
+              "allocated after the forward, the backward's peak.\n")
+        names = list(rows[0]["phases"])
+        print("| variant | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for r in rows:
+            print(f"| {r['variant']} | " + " | ".join(f"{r['phases'].get(n, 0):.2f}" for n in names) + " |")
+    for r in rows:
+        print(f"\nLargest saved tensors by shape, {r['variant']} (MiB, all layers built): "
+              + "; ".join(f"{k} {v / 2**20:,.1f}" for k, v in r["top_saved"]))
     return 0
 
 
