@@ -87,20 +87,23 @@ def _step_memory(model, batch):
 def test_compiled_bf16_lora_step_peaks_no_higher_than_peft():
     """The decomposed op (a triton_op) must not cost memory: session 7's LoRA step peaked 1.7 GiB
     higher with it (15.3 against 13.6 GiB on the H200), 0.4 GiB of which was a saved copy of each
-    frozen [W, sB]. Qwen2.5-0.5B's MLP widths, two layers, bf16 adapters (so the pass applies)."""
-    base = tiny_model("qwen2", layers=2, hidden=896, heads=14, kv_heads=2, intermediate=4864, vocab=2048,
+    frozen [W, sB]; session 8 found the other 1.3 GiB in the forward: every layer's [x, t] buffer
+    lived to the forward's end (``s t`` was computed from an alias of it there), 2 x tokens x
+    (in + r) bf16 a layer, 122 MB at this shape, which the 1% + 16 MiB margin does not hide.
+    Qwen2.5-0.5B's MLP widths, four layers, bf16 adapters (so the pass applies)."""
+    base = tiny_model("qwen2", layers=4, hidden=896, heads=14, kv_heads=2, intermediate=4864, vocab=2048,
                       max_position_embeddings=2048, dtype=torch.bfloat16)
     base = with_lora(base, r=32).to(torch.bfloat16).cuda()
-    batch = {k: v.cuda() for k, v in random_batch(batch=4, seq=1024, vocab=2048).items()}
+    batch = {k: v.cuda() for k, v in random_batch(batch=8, seq=1024, vocab=2048).items()}
     measured = {}
     for label, disable in (("ours", []), ("peft", ["lora_linear"])):
         torch._dynamo.reset()
         model = chronicals_compile.compile(copy.deepcopy(base), disable=disable)
         with report_collecting() as report:
             measured[label] = _step_memory(model, batch)
-        assert report.swaps.get("lora_linear", 0) == (4 if label == "ours" else 0), str(report)
+        assert report.swaps.get("lora_linear", 0) == (8 if label == "ours" else 0), str(report)
         del model
         torch.cuda.empty_cache()
     (ours_peak, ours_held), (peft_peak, peft_held) = measured["ours"], measured["peft"]
     assert ours_held <= peft_held, measured
-    assert ours_peak <= peft_peak * 1.02 + 2**24, measured
+    assert ours_peak <= peft_peak * 1.01 + 2**24, measured
