@@ -36,3 +36,27 @@ def held_bytes(loss: torch.Tensor, parameters) -> int:
     own = {p.untyped_storage().data_ptr() for p in parameters}
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved_tensors(loss)}
     return sum(n for ptr, n in storages.items() if ptr not in own)
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes the CPU allocator held while ``fn()`` ran, above what it held when it started
+    (the profiler's memory events): a forward's transient buffers, which ``held_bytes`` cannot
+    see because they are gone by the time the forward returns. The caller keeps ``fn``'s result
+    alive or not; nothing else should allocate meanwhile."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
