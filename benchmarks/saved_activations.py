@@ -39,6 +39,7 @@ VARIANTS = {
     "chronicals": {},
     "chronicals-keep-gate": {"disable": ["gate_recompute"]},
     "chronicals-no-lora-linear": {"disable": ["lora_linear"]},  # with --lora-r: peft's three GEMMs
+    "chronicals-concat": {"enable": ["concat_linear"]},  # q/k/v (and gate/up where it pays) as one GEMM
 }
 CUDA_DEFAULT_OFF = ["rms_norm", "swiglu", "rope"]
 
