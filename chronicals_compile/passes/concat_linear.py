@@ -19,10 +19,13 @@ weight gradient would be computed for nothing). The concatenated weight is tagge
 holding a second copy of every projection's weights from forward to backward. The split outputs
 are column slices of one buffer (``narrow``); the ops downstream read them strided, so an output
 that is viewed in a way a slice does not allow, or an in-place op between the linears (the fused
-GEMM reads the input where the first linear did), leaves the group alone.
+GEMM reads the input where the first linear did), leaves the group alone. A slice at most a
+quarter of the fused width (GQA's k and v) is copied out: saved for backward as a view, it would
+hold the whole buffer (attention saves v).
 
 Off by default: measured neutral in the Qwen0.5B step on the H200 (session 7: full fine-tuning
-0.6% faster at 0.75 GiB more peak memory with q/k/v fused; LoRA 0.7% slower with the frozen q/k/v
+0.6% faster at 0.75 GiB more peak memory with q/k/v fused, that memory being the saved v's view
+of the whole buffer, copied since session 8 and not yet re-measured; LoRA 0.7% slower with the frozen q/k/v
 and their ``lora_A`` fused), while a pair as wide as an MLP's gate/up lost 16% alone. Left alone:
 weights that are tensor subclasses (DTensor under FSDP/tensor parallelism), symbolic weight
 shapes, mixed biases (some linears with one, some without), a weight computed after the first
@@ -169,6 +172,10 @@ def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
     return node, found
 
 
+#: A piece at most this share of the fused width (1 / NARROW_SHARE) is copied out of the buffer.
+NARROW_SHARE = 4
+
+
 def _fuse(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node], tag: bool) -> fx.Node:
     graph = gm.graph
     weights = [arg(lin, 1, "weight") for lin in members]
@@ -186,11 +193,18 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node], tag: bool) -> 
         # (autograd forbids modifying one of several views a split returns)
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         pieces = [graph.call_function(torch.narrow, (fused, -1, o, n)) for o, n in zip(offsets, sizes)]
+        # A view saved for backward holds the whole fused buffer: the q/k/v group's v, saved by
+        # attention, kept q and k's columns alive too (0.75 GiB at Qwen0.5B 8x2048, session 8).
+        # Narrow pieces get their own copy, which costs little because they are narrow.
+        copies = [graph.call_function(torch.clone, (p,), {"memory_format": torch.contiguous_format})
+                  if n * NARROW_SHARE <= sum(sizes) else None for p, n in zip(pieces, sizes)]
+    outputs = [c if c is not None else p for p, c in zip(pieces, copies)]
+    new_nodes = [*cats, fused, *pieces, *(c for c in copies if c is not None)]
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in members[0].meta:
-            for n in (*cats, fused, *pieces):
+            for n in new_nodes:
                 n.meta[key] = members[0].meta[key]
-    for n in (*cats, fused, *pieces):
+    for n in new_nodes:
         set_fake_value(gm, n)
     if tag:  # rebuilt in backward from the parameters, not held from forward
         region = next(_ids)
@@ -198,7 +212,7 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node], tag: bool) -> 
             n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             n.meta["ac_graph_id"] = region
     casts = []
-    for linear, piece in zip(members, pieces):
+    for linear, piece in zip(members, outputs):
         source = arg(linear, 0, "input")
         if source is not x:
             casts.append(source)
