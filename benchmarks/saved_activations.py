@@ -15,8 +15,8 @@ token per layer and the bytes extrapolated to the preset's full depth; vocabular
 
 On the CPU the compile is Inductor's CPU backend: the partition (what is saved) is decided before
 code generation, by the same partitioner as on CUDA, but passes that differ by device (our
-rms_norm/swiglu/rope run on the CPU by default, not on CUDA) are disabled on the CPU to match the
-CUDA defaults unless ``--cpu-defaults``.
+rms_norm and swiglu run on the CPU by default, not on CUDA: ``config.CUDA_OFF_BY_DEFAULT``) are
+disabled on the CPU to match the CUDA defaults unless ``--cpu-defaults``.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ for path in (HERE, REPO):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+from chronicals_compile.config import CUDA_OFF_BY_DEFAULT  # noqa: E402 (after the path set-up)
+
 TAG = "SAVED_RESULT "
 #: variant -> chronicals options (None: plain Inductor)
 VARIANTS = {
@@ -41,7 +43,8 @@ VARIANTS = {
     "chronicals-no-lora-linear": {"disable": ["lora_linear"]},  # with --lora-r: peft's three GEMMs
     "chronicals-concat": {"enable": ["concat_linear"]},  # q/k/v (and gate/up where it pays) as one GEMM
 }
-CUDA_DEFAULT_OFF = ["rms_norm", "swiglu", "rope"]
+#: The passes off by default on CUDA (the CPU run disables them to match the GPU's graph).
+CUDA_DEFAULT_OFF = sorted(CUDA_OFF_BY_DEFAULT)
 
 
 def held_tensors(loss) -> list:
@@ -118,6 +121,7 @@ def worker(spec: dict) -> dict:
     tokens = ids.numel()
     per_class: dict[str, int] = {}
     by_shape: dict[str, int] = {}
+    t = None
     for t in held_tensors(loss):
         if t.untyped_storage().data_ptr() in params:
             continue
@@ -125,6 +129,7 @@ def worker(spec: dict) -> dict:
         per_class[cls] = per_class.get(cls, 0) + t.untyped_storage().nbytes()
         key = f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"
         by_shape[key] = by_shape.get(key, 0) + t.untyped_storage().nbytes()
+    del t  # the loop's last saved tensor must not outlive the graph below
     if on_gpu:  # where the step's peak is: the forward's end, or inside the backward
         torch.cuda.reset_peak_memory_stats()
         loss.backward()

@@ -30,12 +30,13 @@ def test_projections_fused_and_training_unchanged(family):
     assert_same_training_step(eager, compiled)
 
 
-def test_inductor_step_equal_and_weights_not_held_for_backward():
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_inductor_step_equal_and_weights_not_held_for_backward(kv_heads):
     """Through Inductor with every kernel of ours on: same loss and gradients as eager, and the
     forward holds no more for backward than without the pass, counted by storage (the
     concatenated weights are rebuilt from the parameters in backward, and attention's saved v is
     a copy: as a view it held the whole q/k/v buffer, 0.75 GiB at Qwen0.5B 8x2048)."""
-    base = tiny_model("qwen2", layers=LAYERS)
+    base = tiny_model("qwen2", layers=LAYERS, kv_heads=kv_heads)
     batch = random_batch(seq=24)
     eager = loss_and_grads(copy.deepcopy(base), batch)
     held = {}
