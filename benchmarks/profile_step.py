@@ -11,7 +11,11 @@ matches, ``RULES``), and reported per step:
 
 * ms and kernel count per category; the 15 kernels that take longest (80 in the JSON);
 * GPU busy = the union of kernel intervals (all streams); gap = wall - busy: time the GPU waits
-  on the host (Python, launches, the per-step synchronize, as in e2e.py).
+  on the host (Python, launches, the per-step synchronize, as in e2e.py);
+* kernel time and TFLOP/s per GEMM call shape (``aten::mm``/``addmm``/``bmm``/``baddbmm`` and the
+  kernels they launched): which matmuls run below the tensor-core rate. Shapes need
+  ``record_shapes``, which adds host time to the profiled steps (from session 8 on): compare the
+  profiled wall and gap within one session only; the unprofiled wall is unaffected.
 
 Caveats: the loss category holds the CE-specific kernels only; the lm_head logits matmul (ours
 uses cuBLAS for it by default) is counted under matmul. Inductor names kernels after the aten ops
