@@ -266,7 +266,8 @@ def worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         # The trace is exported when the active window closes (after that the profiler clears it).
-        with profile(activities=activities, record_shapes=True, schedule=schedule(wait=0, warmup=1, active=spec["steps"], repeat=1),
+        with profile(activities=activities, record_shapes=True,
+                     schedule=schedule(wait=0, warmup=1, active=spec["steps"], repeat=1),
                      on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
             for i in range(spec["steps"] + 1):
                 ms = step()
