@@ -33,6 +33,7 @@ for path in (HERE, REPO):
         sys.path.insert(0, path)
 
 from chronicals_compile.config import CUDA_OFF_BY_DEFAULT  # noqa: E402 (after the path set-up)
+from chronicals_compile.testing.saved import held_tensors  # noqa: E402
 
 TAG = "SAVED_RESULT "
 #: variant -> chronicals options (None: plain Inductor)
@@ -45,19 +46,6 @@ VARIANTS = {
 }
 #: The passes off by default on CUDA (the CPU run disables them to match the GPU's graph).
 CUDA_DEFAULT_OFF = sorted(CUDA_OFF_BY_DEFAULT)
-
-
-def held_tensors(loss) -> list:
-    """Every distinct tensor the autograd graph behind ``loss`` saved (one per storage)."""
-    from chronicals_compile.testing.saved import saved_tensors
-
-    seen, out = set(), []
-    for t in saved_tensors(loss):
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
 
 
 def classify(t, config) -> str:

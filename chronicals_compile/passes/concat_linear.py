@@ -25,8 +25,9 @@ would hold the whole buffer.
 
 Off by default: measured neutral in the Qwen0.5B step on the H200 (session 7: full fine-tuning
 0.6% faster at 0.75 GiB more peak memory with q/k/v fused, that memory being the saved v's view
-of the whole buffer, copied since session 8 and not yet re-measured; LoRA 0.7% slower with the frozen q/k/v
-and their ``lora_A`` fused), while a pair as wide as an MLP's gate/up lost 16% alone. Left alone:
+of the whole buffer, copied since session 8 and not yet re-measured; LoRA 0.7% slower with the
+frozen q/k/v and their ``lora_A`` fused), while a pair as wide as an MLP's gate/up lost 16% alone.
+Left alone:
 weights that are tensor subclasses (DTensor under FSDP/tensor parallelism), symbolic weight
 shapes, mixed biases (some linears with one, some without), a weight computed after the first
 linear that would use it, and linears on either side of an autocast or grad-mode change (a router

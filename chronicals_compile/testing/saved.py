@@ -29,13 +29,25 @@ def saved_bytes(loss: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in saved_tensors(loss))
 
 
+def held_tensors(loss: torch.Tensor) -> list[torch.Tensor]:
+    """One saved tensor per distinct storage behind ``loss``: what holding the graph keeps alive
+    (a saved view holds its whole storage)."""
+    seen, out = set(), []
+    for t in saved_tensors(loss):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
 def held_bytes(loss: torch.Tensor, parameters) -> int:
     """Bytes of the distinct storages saved behind ``loss`` that are not ``parameters``' own: what
     holding the graph for backward costs on top of the model (a saved weight is free, a saved
     copy of one is not)."""
-    own = {p.untyped_storage().data_ptr() for p in parameters}
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved_tensors(loss)}
-    return sum(n for ptr, n in storages.items() if ptr not in own)
+    own = {(p.untyped_storage().data_ptr(), p.device) for p in parameters}
+    return sum(t.untyped_storage().nbytes() for t in held_tensors(loss)
+               if (t.untyped_storage().data_ptr(), t.device) not in own)
 
 
 def cpu_peak_bytes(fn) -> int:
