@@ -50,8 +50,10 @@ def test_fp32_training_matches_eager_step_by_step(family):
 def test_bf16_training_stays_as_close_to_fp32_as_eager_bf16():
     """bf16: rounding differs (e.g. our cross-entropy keeps the logits in fp32 where eager rounds
     them to bf16), so equality is the wrong test. The justified one: measured against an fp32 run
-    of the same weights, our bf16 losses are no further than eager bf16's, up to a factor of 2 plus
-    half a bf16 ulp of the loss."""
+    of the same weights, our bf16 losses stray no further than eager bf16's have strayed so far
+    (its running maximum: eager's trajectory can cross the fp32 one by chance, making one step's
+    gap tiny, as at step 11 with transformers 5.24), up to a factor of 2 plus half a bf16 ulp of the
+    loss; and over the whole run our mean gap is at most eager's, plus a quarter of it."""
     ref_model = tiny_model("qwen2", dtype=torch.float32, layers=2)
     bf16 = copy.deepcopy(ref_model).to(torch.bfloat16)
     ours_model = chronicals_compile.compile(copy.deepcopy(bf16), compiler="aot_eager")
@@ -62,4 +64,6 @@ def test_bf16_training_stays_as_close_to_fp32_as_eager_bf16():
     assert torch.isfinite(ours).all()
     eager_gap = (eager - ref).abs()
     ours_gap = (ours - ref).abs()
-    assert (ours_gap <= 2 * eager_gap + 0.5 * 2**-8 * ref.abs()).all(), (ours_gap, eager_gap)
+    eager_so_far = torch.cummax(eager_gap, dim=0).values
+    assert (ours_gap <= 2 * eager_so_far + 0.5 * 2**-8 * ref.abs()).all(), (ours_gap, eager_gap)
+    assert ours_gap.mean() <= 1.25 * eager_gap.mean(), (ours_gap.mean(), eager_gap.mean())
