@@ -60,8 +60,11 @@ class Options:
     logits: LogitsPolicy = "auto"
     #: Cut cross-entropy in training: ``fused`` computes dh and dW during the forward (the logits
     #: once) and scales them in backward; ``recompute`` recomputes the logit tiles in backward
-    #: (less memory held between forward and backward, a third more matmul work).
-    cce_mode: Literal["fused", "recompute"] = "fused"
+    #: (less memory held between forward and backward, a third more matmul work); ``lean`` is
+    #: ``recompute`` walking vocabulary slices with a buffer no larger than dh: the least extra
+    #: memory exact gradients allow (dh's fp32 accumulator, N x d x 4 bytes), for the most
+    #: memory-bound runs. All three give the same gradients up to rounding.
+    cce_mode: Literal["fused", "recompute", "lean"] = "fused"
     #: Rows per gradient chunk of the cut cross-entropy on CUDA (memory against speed): each chunk
     #: holds a [rows, V] buffer in the input dtype; fewer, larger chunks re-read the fp32 dW
     #: accumulator less and run the GEMMs nearer peak (H200, Qwen2.5-0.5B at 8 x 2048: 1664 rows
@@ -123,8 +126,8 @@ def make_options(**kwargs: Any) -> Options:
         raise ValueError(
             f"chronicals.logits must be one of auto, drop, detach, keep; got {kwargs['logits']!r}"
         )
-    if kwargs.get("cce_mode", "fused") not in ("fused", "recompute"):
-        raise ValueError(f"chronicals.cce_mode must be fused or recompute; got {kwargs['cce_mode']!r}")
+    if kwargs.get("cce_mode", "fused") not in ("fused", "recompute", "lean"):
+        raise ValueError(f"chronicals.cce_mode must be fused, recompute or lean; got {kwargs['cce_mode']!r}")
     if kwargs.get("compiler", "inductor") not in ("inductor", "aot_eager", "eager"):
         raise ValueError(f"chronicals.compiler must be inductor, aot_eager or eager; got {kwargs['compiler']!r}")
     rows = kwargs.get("cce_chunk_rows")

@@ -226,6 +226,8 @@ def _run(args: argparse.Namespace, source: str, model_name: str, t_start: float,
         options = {} if args.compiler == "inductor" else {"compiler": args.compiler}
         if args.memory_budget is not None:
             options["memory_budget"] = args.memory_budget
+        if args.cce_mode is not None:
+            options["cce_mode"] = args.cce_mode
         if args.enable:
             options["enable"] = list(args.enable)
         if args.disable:

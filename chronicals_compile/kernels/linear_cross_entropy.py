@@ -332,25 +332,33 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles, keep_fp32: bool = 
 #: vocabulary (a [C, V] buffer, a V x d fp32 dW accumulator: about 1 GiB extra at Qwen2.5-0.5B's
 #: (16384, 896, 151936)). ``vocab``: slices of the vocabulary against all rows (a [N, S] buffer,
 #: each dW slice one GEMM over every row, straight into the output, and an N x d fp32 dh
-#: accumulator: about 0.3 GiB there), the same matmul work. A knob until the GPU has measured it.
+#: accumulator: 312 MiB beyond dh and dW there, 37.6 ms on the H200). ``lean``: the vocab layout
+#: with a buffer no larger than dh itself (S = d columns), the least memory exact gradients allow.
+#: Why that is the floor: dW must be summed over every row and dh over the whole vocabulary in
+#: fp32, and one of the two sums spans programs or launches; holding the smaller accumulator
+#: (dh: N x d fp32) is the least, and the peak is that accumulator while dh is rounded out of it.
+BACKWARD_LAYOUTS = ("rows", "vocab", "lean")
 BACKWARD_LAYOUT = os.environ.get("CHRONICALS_CCE_BACKWARD", "rows")
 
 #: Bytes of the [N, S] gradient buffer the vocab layout aims for.
 VOCAB_SLICE_BYTES = 1 << 28
 
 
-def _vocab_slice(n: int, v: int, elt: int, tiles: Tiles) -> int:
+def _vocab_slice(n: int, v: int, d: int, elt: int, tiles: Tiles, lean: bool = False) -> int:
     if tiles.vocab_cols is not None:
         return max(1, min(v, tiles.vocab_cols))
-    cols = VOCAB_SLICE_BYTES // max(1, n * elt) // tiles.block_v * tiles.block_v
+    if lean:  # an [N, S] buffer no larger than the dh output: below the fp32 dh accumulator's peak
+        cols = d // tiles.block_v * tiles.block_v
+    else:
+        cols = VOCAB_SLICE_BYTES // max(1, n * elt) // tiles.block_v * tiles.block_v
     return max(tiles.block_v, min(v, cols))
 
 
 def _gradients_by_vocab(h, w, target, lse, row_w, *, label_smoothing, softcap, scale, need_dh, need_dw,
-                        tiles: Tiles):
+                        tiles: Tiles, lean: bool = False):
     n, d = h.shape
     v = w.shape[0]
-    cols = _vocab_slice(n, v, h.element_size(), tiles)
+    cols = _vocab_slice(n, v, d, h.element_size(), tiles, lean)
     dh32 = torch.empty((n, d), dtype=torch.float32, device=h.device) if need_dh else None
     dw = torch.empty_like(w) if need_dw else w.new_empty((0,))
     buf = torch.empty((n, min(cols, v)), dtype=h.dtype, device=h.device)
@@ -363,6 +371,7 @@ def _gradients_by_vocab(h, w, target, lse, row_w, *, label_smoothing, softcap, s
             _mm_out(g.t(), h, dw[v0:v1])
         if need_dh:
             _accumulate_dw(dh32, g.t(), ws, first=v0 == 0)  # dh32 += G @ W[v0:v1]
+    del buf, g, ws  # freed before dh is rounded out of its accumulator: the two never add to the peak
     dh = (dh32 if h.dtype == torch.float32 else dh32.to(h.dtype)) if need_dh else h.new_empty((0,))
     return dh, dw
 
@@ -372,17 +381,21 @@ def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str =
              need_dh: bool = True, need_dw: bool = True,
              tiles: Tiles | None = None, layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dh, dW of ``grad * loss`` recomputing the logit tiles; an unneeded one is a [0] tensor.
-    ``layout``: ``rows`` or ``vocab`` (default ``BACKWARD_LAYOUT``)."""
+    ``layout``: ``rows``, ``vocab`` or ``lean`` (default ``BACKWARD_LAYOUT``)."""
     _check(h, w, target)
+    layout = layout or BACKWARD_LAYOUT
+    if layout not in BACKWARD_LAYOUTS:
+        raise ValueError(f"layout must be one of {BACKWARD_LAYOUTS}, got {layout!r}")
     tiles = tiles or default_tiles(h.dtype, h.device)
     h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
     row_w = _row_weights(grad, target, ignore_index, reduction)
     lse = lse.float().contiguous()
     if not (need_dh or need_dw):
         return h.new_empty((0,)), w.new_empty((0,))
-    if (layout or BACKWARD_LAYOUT) == "vocab" and h.shape[0]:
+    if layout in ("vocab", "lean") and h.shape[0]:
         return _gradients_by_vocab(h, w, target, lse, row_w, label_smoothing=label_smoothing, softcap=softcap,
-                                   scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles)
+                                   scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles,
+                                   lean=layout == "lean")
 
     def fill(r0, r1, g):
         _grad_tiles(h[r0:r1], w, target[r0:r1], lse[r0:r1], row_w[r0:r1], g, label_smoothing=label_smoothing,

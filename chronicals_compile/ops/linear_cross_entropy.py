@@ -17,6 +17,9 @@ Three ops:
     Forward only; ``lse [N]`` (fp32) is saved for the backward op. Differentiable (``lse`` is not).
 ``linear_cross_entropy_backward(grad, h, weight, target, lse, ..., need_dh, need_dw) -> (dh, dw)``
     Recomputes the logit tiles. A gradient not needed comes back as an empty ``[0]`` tensor.
+    ``layout`` (both ops; the forward hands it to its backward) picks how CUDA walks the gradient:
+    ``""`` the launchers' default, ``rows``, ``vocab`` or ``lean`` (the least memory: see
+    ``kernels.linear_cross_entropy.BACKWARD_LAYOUT``).
 ``linear_cross_entropy_fused(h, weight, target, ..., need_dh, need_dw) -> (loss, dh, dw)``
     Computes the gradients of the loss during the forward (the logits are computed once);
     differentiable in ``loss``, whose backward only scales dh and dw by the incoming gradient.
@@ -130,6 +133,14 @@ def _check_args(h: Tensor, weight: Tensor, target: Tensor, reduction: str) -> No
     torch._check(reduction in ("mean", "sum"), lambda: f"reduction {reduction!r} not supported")
 
 
+#: ``layout`` values of the forward and backward ops ("" = the launchers' default).
+LAYOUTS = ("", "rows", "vocab", "lean")
+
+
+def _check_layout(layout: str) -> None:
+    torch._check(layout in LAYOUTS, lambda: f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
 def _tiles(h: Tensor, chunk_rows: int):
     """The launchers' default tiles, with ``chunk_rows`` rows per gradient chunk when it is set
     (``chronicals.cce_chunk_rows``; 0 = the launchers' own sizing). The CPU reference ignores it."""
@@ -151,15 +162,16 @@ def _lse_dtype(h: Tensor) -> torch.dtype:
 @torch.library.custom_op("chronicals::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
                          label_smoothing: float, softcap: float, scale: float,
-                         chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
+                         chunk_rows: int = 0, layout: str = "") -> tuple[Tensor, Tensor]:
     _check_args(h, weight, target, reduction)
+    _check_layout(layout)
     loss, lse = reference_forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
     return loss.to(_lse_dtype(h)), lse.to(_lse_dtype(h))
 
 
 @linear_cross_entropy.register_kernel("cuda")
 def _linear_cross_entropy_cuda(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale,
-                               chunk_rows=0):
+                               chunk_rows=0, layout=""):
     from ..kernels import linear_cross_entropy as k
 
     _check_args(h, weight, target, reduction)
@@ -167,8 +179,9 @@ def _linear_cross_entropy_cuda(h, weight, target, ignore_index, reduction, label
 
 
 @linear_cross_entropy.register_fake
-def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale, chunk_rows=0):
+def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale, chunk_rows=0, layout=""):
     _check_args(h, weight, target, reduction)
+    _check_layout(layout)
     dtype = _lse_dtype(h)
     return h.new_empty((), dtype=dtype), h.new_empty((h.shape[0],), dtype=dtype)
 
@@ -177,23 +190,26 @@ def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scal
 def linear_cross_entropy_backward(grad: Tensor, h: Tensor, weight: Tensor, target: Tensor, lse: Tensor,
                                   ignore_index: int, reduction: str, label_smoothing: float,
                                   softcap: float, scale: float, need_dh: bool,
-                                  need_dw: bool, chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
+                                  need_dw: bool, chunk_rows: int = 0, layout: str = "") -> tuple[Tensor, Tensor]:
+    _check_layout(layout)
     return reference_backward(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing,
                               softcap, scale, need_dh, need_dw)
 
 
 @linear_cross_entropy_backward.register_kernel("cuda")
 def _linear_cross_entropy_backward_cuda(grad, h, weight, target, lse, ignore_index, reduction,
-                                        label_smoothing, softcap, scale, need_dh, need_dw, chunk_rows=0):
+                                        label_smoothing, softcap, scale, need_dh, need_dw, chunk_rows=0,
+                                        layout=""):
     from ..kernels import linear_cross_entropy as k
 
     return k.backward(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing,
-                      softcap, scale, need_dh, need_dw, tiles=_tiles(h, chunk_rows))
+                      softcap, scale, need_dh, need_dw, tiles=_tiles(h, chunk_rows), layout=layout or None)
 
 
 @linear_cross_entropy_backward.register_fake
 def _(grad, h, weight, target, lse, ignore_index, reduction, label_smoothing, softcap, scale,
-      need_dh, need_dw, chunk_rows=0):
+      need_dh, need_dw, chunk_rows=0, layout=""):
+    _check_layout(layout)
     return (h.new_empty(h.shape if need_dh else (0,)),
             weight.new_empty(weight.shape if need_dw else (0,)))
 
@@ -204,6 +220,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(h, weight, target, lse)
     ctx.args = (ignore_index, reduction, label_smoothing, softcap, scale)
     ctx.chunk_rows = rest[0] if rest else 0
+    ctx.layout = rest[1] if len(rest) > 1 else ""
     ctx.mark_non_differentiable(lse)
 
 
@@ -211,10 +228,10 @@ def _backward(ctx, grad_loss: Tensor, _grad_lse: Tensor):
     h, weight, target, lse = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dh or need_dw):
-        return (None,) * 9
+        return (None,) * 10
     dh, dw = linear_cross_entropy_backward(grad_loss, h, weight, target, lse, *ctx.args, need_dh, need_dw,
-                                           ctx.chunk_rows)
-    return (dh if need_dh else None, dw if need_dw else None) + (None,) * 7
+                                           ctx.chunk_rows, ctx.layout)
+    return (dh if need_dh else None, dw if need_dw else None) + (None,) * 8
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

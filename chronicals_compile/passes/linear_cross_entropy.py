@@ -28,7 +28,8 @@ recomputing them, so the pattern is left alone (reported) unless the policy is `
 
 Training graphs get ``linear_cross_entropy_fused`` (gradients computed during the forward, the
 logits computed once) unless ``chronicals.cce_mode="recompute"`` selects the forward op whose
-backward recomputes the logit tiles; graphs without gradients get the forward op alone. (The fused
+backward recomputes the logit tiles (``"lean"``: the same op walking vocabulary slices, the least
+memory); graphs without gradients get the forward op alone. (The fused
 op's CUDA implementation reads ``CHRONICALS_CCE_LOGITS=matmul|tiles``: a kernel-level choice with no
 place in the op's schema yet.)
 """
@@ -243,7 +244,7 @@ def _mode(ctx) -> str:
     """``chronicals.cce_mode``; the CHRONICALS_CCE_MODE environment variable still overrides it
     (benchmarks flip it without recompiling their option plumbing)."""
     mode = os.environ.get("CHRONICALS_CCE_MODE") or getattr(getattr(ctx, "options", None), "cce_mode", "fused")
-    return mode if mode in ("fused", "recompute") else "fused"
+    return mode if mode in ("fused", "recompute", "lean") else "fused"
 
 
 def _insert(gm: fx.GraphModule, kind: str, target, args: tuple, like: fx.Node | None = None) -> fx.Node:
@@ -317,7 +318,8 @@ def rewrite(gm: fx.GraphModule, found: Found, ctx) -> fx.Node:
             fused = _insert(gm, "call_function", ops.linear_cross_entropy_fused.default,
                             common + (found.need_dh, found.need_dw, rows), ce)
         else:
-            fused = _insert(gm, "call_function", ops.linear_cross_entropy.default, common + (rows,), ce)
+            layout = "lean" if _mode(ctx) == "lean" else ""
+            fused = _insert(gm, "call_function", ops.linear_cross_entropy.default, common + (rows, layout), ce)
         loss = _insert(gm, "call_function", operator.getitem, (fused, 0), ce)
         if dtype_of(ce) != torch.float32:
             loss = _insert(gm, "call_method", "to", (loss, dtype_of(ce)), ce)

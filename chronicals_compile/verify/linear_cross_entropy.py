@@ -31,8 +31,11 @@ IGNORE = ("none", "some", "all", "in_vocab")
 GRAD_SLACK = 2.0
 #: recompute: forward kernel + backward recomputing the logit tiles; fused: gradients in the
 #: forward from tl.dot logit tiles; fused_matmul: the same from one GEMM's logits per row chunk.
-#: recompute_vocab: the recompute backward walking vocabulary slices instead of row chunks.
-MODES = ("recompute", "recompute_vocab", "fused", "fused_matmul")
+#: recompute_vocab: the recompute backward walking vocabulary slices instead of row chunks;
+#: recompute_lean: the same with slices no wider than the hidden size (``cce_mode="lean"``).
+MODES = ("recompute", "recompute_vocab", "recompute_lean", "fused", "fused_matmul")
+#: The recompute backward's layout for each recompute mode.
+LAYOUT = {"recompute": "rows", "recompute_vocab": "vocab", "recompute_lean": "lean"}
 
 
 def _default_dtypes():
@@ -110,7 +113,7 @@ def ours(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale,
         return loss, (dh.float() * g).to(dh.dtype), (dw.float() * g).to(dw.dtype)
     loss, lse = k.forward(h, w, target, *args, tiles=tiles)
     dh, dw = k.backward(torch.tensor(grad, device=h.device), h, w, target, lse, *args, tiles=tiles,
-                        layout="vocab" if mode == "recompute_vocab" else "rows")
+                        layout=LAYOUT[mode])
     return loss, dh, dw
 
 
@@ -128,8 +131,10 @@ def check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, reduction: s
     h, w, target, ignore_index = make_inputs(tokens, hidden, vocab, dtype, ignore, seed, device)
     tiles = tiles or default_tiles(dtype, torch.device(device))
     # chunk_rows also sizes the vocab layout's slices, so that small cases cross slice boundaries
+    # (the lean layout keeps its own sizing: hidden-wide slices, which small cases cross too)
     tiles = dataclasses.replace(tiles, tiles_per_group=tiles_per_group, chunk_rows=chunk_rows,
-                                vocab_cols=None if chunk_rows is None else 3 * chunk_rows + 1)
+                                vocab_cols=None if chunk_rows is None or mode == "recompute_lean"
+                                else 3 * chunk_rows + 1)
     grad = 0.75
     opts = (ignore_index, reduction, label_smoothing, softcap, scale)
     got = ours(h, w, target, *opts, mode, grad, tiles)

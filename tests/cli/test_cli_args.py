@@ -39,6 +39,7 @@ def test_help_exits_0(cli):
     (["finetune", "--lora-alpha", "8"], "--lora-alpha needs --lora-r"),
     (["finetune", "--memory-budget", "2"], "--memory-budget must be from 0 to 1"),
     (["finetune", "--dtype", "fp8"], "invalid choice"),
+    (["finetune", "--cce-mode", "cheap"], "invalid choice"),
     (["finetune", "--enable", "rms_nrom"], "--enable: unknown pattern(s) rms_nrom; known: rms_norm"),
     (["finetune", "--disable", "rope", "bogus"], "--disable: unknown pattern(s) bogus"),
     (["finetune", "--enable", "rope", "--disable", "rope"], "--enable and --disable both name rope"),

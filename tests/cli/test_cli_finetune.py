@@ -104,10 +104,21 @@ def test_lora_adapters_in_the_model_dtype(cli, tmp_path):
     assert dtypes == {torch.bfloat16}, dtypes
 
 
-def test_enable_and_disable_reach_the_backend(cli, tmp_path):
+def test_enable_and_disable_reach_the_backend(cli, tmp_path, monkeypatch):
+    import chronicals_compile
+
+    seen = {}
+    real = chronicals_compile.compile
+
+    def recording(model, **options):
+        seen.update(options)
+        return real(model, **options)
+
+    monkeypatch.setattr(chronicals_compile, "compile", recording)
     code, stdout, err = cli(*TINY, "--steps", "2", "--enable", "concat_linear", "--disable", "linear_cross_entropy",
-                            "--compiler", "aot_eager", "--output-dir", tmp_path)
+                            "--cce-mode", "lean", "--compiler", "aot_eager", "--output-dir", tmp_path)
     assert code == 0, err
+    assert seen.get("cce_mode") == "lean" and seen.get("enable") == ["concat_linear"], seen
     swaps = load_metrics(tmp_path)["swaps"]
     assert swaps.get("concat_linear", 0) > 0 and "linear_cross_entropy" not in swaps, swaps
     assert all(g > 0 for g in load_metrics(tmp_path)["grad_norms"])

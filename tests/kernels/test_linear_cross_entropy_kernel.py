@@ -98,7 +98,7 @@ def test_never_allocates_tokens_times_vocab(mode):
         else:
             _, lse = k.forward(h, w, t, label_smoothing=0.1, tiles=tiles)
             k.backward(torch.tensor(1.0), h, w, t, lse, label_smoothing=0.1, tiles=tiles,
-                       layout="vocab" if mode == "recompute_vocab" else "rows")
+                       layout=case.LAYOUT[mode])
     # fp32 dW accumulator (rows) or dh accumulator (vocab), the [chunk, V] or [N, slice] gradient
     # buffer, the per-group statistics: all < N x V
     assert seen.largest <= max(4 * v * d, 4 * n * d, 2 * chunk * max(v, n),
@@ -145,6 +145,18 @@ def test_opcheck_and_gradcheck(opts):
                           (torch.tensor(1.5, dtype=torch.float64), h.detach(), w.detach(), t, lse) + opts + (True, True))
     assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, t, *opts)[0], (h, w))
     assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy_fused(a, b, t, *opts, True, True)[0], (h, w))
+    # the lean layout travels from the forward op to its backward op (the schema's last argument)
+    torch.library.opcheck(ops.linear_cross_entropy.default, (h, w, t) + opts + (0, "lean"))
+    assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, t, *opts, 0, "lean")[0], (h, w))
+
+
+def test_unknown_layout_is_refused_by_name():
+    ops = _ops()
+    h, w, t, _ = case.make_inputs(4, 8, 6, torch.float32, "none", 0)
+    with pytest.raises(RuntimeError, match="layout must be one of"):
+        ops.linear_cross_entropy(h, w, t, -100, "mean", 0.0, 0.0, 1.0, 0, "columns")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        k.backward(torch.tensor(1.0), h, w, t, torch.zeros(4), layout="columns")
 
 
 def test_fused_backward_refuses_a_gradient_it_did_not_compute():

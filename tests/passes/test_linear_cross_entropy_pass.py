@@ -131,10 +131,11 @@ def test_recompute_mode_trains_like_eager():
     assert_same_training_step(eager, compiled)
 
 
-@pytest.mark.parametrize("mode", ["fused", "recompute"])
+@pytest.mark.parametrize("mode", ["fused", "recompute", "lean"])
 def test_chunk_rows_option_reaches_the_op(mode):
     """chronicals.cce_chunk_rows is an argument of the op in the graph (the CUDA launchers chunk by
-    it; the CPU reference has its own chunks), and training is unchanged."""
+    it; the CPU reference has its own chunks), so is the lean mode's backward layout, and training
+    is unchanged."""
     from chronicals_compile.testing.equivalence import compile_and_capture
 
     model = tiny_model("qwen2", layers=1)
@@ -143,7 +144,13 @@ def test_chunk_rows_option_reaches_the_op(mode):
                                               cce_chunk_rows=64, cce_mode=mode)
     calls = [n for g in graphs for n in g.graph.nodes
              if n.op == "call_function" and "linear_cross_entropy" in str(n.target)]
-    assert len(calls) == 1 and calls[0].args[-1] == 64, [c.args for c in calls]
+    assert len(calls) == 1, [c.args for c in calls]
+    args = calls[0].args
+    if mode == "fused":
+        assert "fused" in str(calls[0].target) and args[-1] == 64, args
+    else:  # the forward op: (..., chunk_rows, layout)
+        assert "fused" not in str(calls[0].target), args
+        assert args[-2:] == (64, "lean" if mode == "lean" else ""), args
     report, eager, compiled = compiled_vs_eager(model, batch, options={**FAST, "cce_chunk_rows": 64,
                                                                        "cce_mode": mode})
     assert report.swaps.get(NAME) == 1, str(report)
