@@ -60,7 +60,8 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-lean", "chronicals-tuned", "chronicals-bigchunk", "chronicals-lowmem",
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
             "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat",
-            "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat", "chronicals-autotune-gemm")
+            "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat", "chronicals-autotune-gemm",
+            "chronicals-cce-lean")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
@@ -88,6 +89,8 @@ VARIANT_ENV = {
     "chronicals-chunk8192": {"CHRONICALS_CCE_CHUNK_ROWS": "8192"},
     # cut cross-entropy recomputing in backward over vocabulary slices (about 0.3 GiB extra)
     "chronicals-lowmem": {"CHRONICALS_CCE_MODE": "recompute", "CHRONICALS_CCE_BACKWARD": "vocab"},
+    # cce_mode="lean": vocabulary slices no wider than the hidden size (the least extra memory)
+    "chronicals-cce-lean": {"CHRONICALS_CCE_MODE": "lean"},
 }
 MODES = ("full", "lora")
 #: name -> (preset, batch, seq)

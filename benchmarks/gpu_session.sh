@@ -17,6 +17,7 @@
 #                   ($E2E_LONG_VARIANTS overrides the list)
 #   e2e-llama=300   Llama-3.2-1B 8x2048 full FT
 #   e2e-ours=300    Qwen0.5B 8x2048 full FT: inductor beside chronicals, chronicals-all, -lean, -tuned, -bigchunk, -lowmem
+#   e2e-cce-lean=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-cce-lean (cce_mode="lean")
 #   e2e-all-lean=240  the same with every kernel on, and with memory_budget 0.5
 #   e2e-lora-bf16=480  LoRA r=32 with adapter weights in bf16 (peft's default is fp32): eager, inductor, liger, chronicals
 #                   ($E2E_LORA_VARIANTS overrides the list)
@@ -87,6 +88,8 @@ for stage in "${stages[@]}"; do
            --variants "${E2E_LONG_VARIANTS:-eager,inductor,liger,cce-exact,chronicals}" 2>&1 | grep "^e2e:\|^|" ;;
     e2e-ours) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_ours \
            --variants inductor,chronicals,chronicals-all,chronicals-lean,chronicals-tuned,chronicals-bigchunk,chronicals-lowmem 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-cce-lean) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_cce_lean \
+           --variants inductor,chronicals,chronicals-cce-lean 2>&1 | grep "^e2e:\|^|" ;;
     e2e-all-lean) timeout "${secs:-240}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_all_lean \
            --variants chronicals-all,chronicals-lean 2>&1 | grep "^e2e:\|^|" ;;
     e2e-lora-bf16) timeout "${secs:-480}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora_bf16 \
