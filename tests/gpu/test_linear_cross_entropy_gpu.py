@@ -72,15 +72,15 @@ def test_peak_memory_is_far_below_materialised_logits(mode):
     del out
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_pass_on_cuda_model_with_inductor(dtype):
+@pytest.mark.parametrize("dtype,cce_mode", [(torch.bfloat16, "fused"), (torch.bfloat16, "lean")])
+def test_pass_on_cuda_model_with_inductor(dtype, cce_mode):
     from chronicals_compile.testing import random_batch, tiny_model
     from chronicals_compile.testing.equivalence import compiled_vs_eager
 
     torch._dynamo.reset()
     model = tiny_model("qwen2", layers=2, vocab=1000, hidden=128, intermediate=256, dtype=dtype).cuda()
     batch = {k: v.cuda() for k, v in random_batch(seq=64, vocab=1000, pad_labels=5).items()}
-    report, eager, compiled = compiled_vs_eager(model, batch)
+    report, eager, compiled = compiled_vs_eager(model, batch, options={"cce_mode": cce_mode})
     assert report.swaps.get("linear_cross_entropy") == 1, str(report)
     assert report.output.logits is None
     (loss_e, grads_e), (loss_c, grads_c) = eager, compiled
