@@ -86,6 +86,11 @@ class Tiles:
     #: 3.81 with 8192 x 16, 3.15-3.63 with larger blocks (results/2026-12-01-h200-session4/lce_rows.md)
     row_block: int = int(os.environ.get("CHRONICALS_CCE_ROW_BLOCK", "4096"))
     row_warps: int = int(os.environ.get("CHRONICALS_CCE_ROW_WARPS", "8"))
+    #: row-kernel programs per SM, each looping over rows (0: one program per row), and whether
+    #: its second pass walks the row backwards: both aim the second read at L2 (the kernel's
+    #: docstring); knobs until the H200 has measured them
+    row_programs_per_sm: int = int(os.environ.get("CHRONICALS_CCE_ROW_PROGRAMS", "0"))
+    row_reverse: bool = os.environ.get("CHRONICALS_CCE_ROW_REVERSE", "0") == "1"
 
 
 #: Rows per gradient chunk, overriding the size from W (a knob: memory against speed).
@@ -404,6 +409,24 @@ def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str =
     return _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles)
 
 
+def launch_rows(z: torch.Tensor, target: torch.Tensor, row_w: torch.Tensor, tiles: Tiles, *,
+                scale: float = 1.0, softcap: float = 0.0, label_smoothing: float = 0.0):
+    """The row kernel over a [C, V] chunk of raw logits ``z``: per-row (lse, target logit, sum of
+    logits), and G written over ``z`` in place."""
+    c, v = z.shape
+    stats = torch.empty((3, c), dtype=torch.float32, device=z.device)
+    if c == 0:
+        return stats[0], stats[1], stats[2]
+    block = min(tiles.row_block, triton.next_power_of_2(v))
+    grid = c if not tiles.row_programs_per_sm else min(c, tiles.row_programs_per_sm * _sm_count(z.device))
+    _ce_rows_kernel[(grid,)](
+        z, target, row_w, stats[0], stats[1], stats[2], c, v, z.stride(0),
+        float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / v,
+        BLOCK_V=block, HAS_SCALE=scale != 1.0, SOFTCAP=softcap != 0.0, SMOOTH=label_smoothing != 0.0,
+        REVERSE=bool(tiles.row_reverse), num_warps=tiles.row_warps)
+    return stats[0], stats[1], stats[2]
+
+
 #: How the fused mode gets each chunk's logits: ``tiles`` (our tl.dot kernel with the online
 #: log-sum-exp epilogue, fp32 statistics) or ``matmul`` (one cuBLAS GEMM into the chunk buffer, then
 #: a row kernel; the logits are rounded to the input dtype first, as torch's own linear does).
@@ -445,14 +468,9 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
                         scale=scale, tiles=tiles, recompute=False)
         else:
             _mm_out(hc, w.t(), g)
-            stats = torch.empty((3, r1 - r0), dtype=torch.float32, device=h.device)
-            block = min(tiles.row_block, triton.next_power_of_2(v))
-            _ce_rows_kernel[(r1 - r0,)](
-                g, tc, row_w[r0:r1], stats[0], stats[1], stats[2], v, g.stride(0),
-                float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / v,
-                BLOCK_V=block, HAS_SCALE=scale != 1.0, SOFTCAP=softcap != 0.0, SMOOTH=smooth,
-                num_warps=tiles.row_warps)
-            lse, zt, sumz = stats[0], stats[1], stats[2] if smooth else None
+            lse, zt, sumz = launch_rows(g, tc, row_w[r0:r1], tiles, scale=scale, softcap=softcap,
+                                        label_smoothing=label_smoothing)
+            sumz = sumz if smooth else None
         row_loss[r0:r1] = _row_losses(lse, zt, sumz, tc, v, ignore_index, label_smoothing)[0]
 
     dh, dw = _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles, keep_fp32=keep_fp32)
