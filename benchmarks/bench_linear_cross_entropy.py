@@ -257,57 +257,6 @@ def sweep(device: str = "cuda", shape=(16384, 896, 151936), dtype=torch.bfloat16
 
 #: Row-kernel launch shapes (vocab block, warps) to time, the current default first.
 ROW_CONFIGS = ((4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32))
-#: Row-kernel grid and second-pass order (programs per SM, 0 = one per row; reverse), timed at
-#: the default launch shape and at (8192, 16): whether the second read comes from L2.
-ROW_GRIDS = ((0, False), (0, True), (1, True), (2, True), (4, True), (8, True), (2, False))
-
-
-def sweep_row_grids(device: str = "cuda", shapes=None, dtype=torch.bfloat16, grids=ROW_GRIDS,
-                    shapes_launch=((4096, 8), (8192, 16))) -> list[dict]:
-    """The row kernel alone over a [3328, V] chunk (the Qwen default's rows) by grid and
-    second-pass order: ``GB/s`` counts two reads and a write, so above ~4.8 TB/s (the H200's HBM)
-    means the second read came from L2. Then the fused op with each grid."""
-    import dataclasses
-
-    from chronicals_compile.kernels import linear_cross_entropy as k
-
-    rows = []
-    for n, d, v in shapes or SHAPES[:2]:
-        c = 3328
-        z = torch.randn(c, v, device=device, dtype=dtype)
-        tgt = torch.randint(0, v, (c,), device=device)
-        row_w = torch.full((c,), 1.0 / c, device=device)
-        base = k.default_tiles(dtype, torch.device(device))
-        for block, warps in shapes_launch:
-            for programs, reverse in grids:
-                tiles = dataclasses.replace(base, row_block=block, row_warps=warps, row_programs_per_sm=programs,
-                                            row_reverse=reverse)
-                row = {"shape": f"{n}, {d}, {v}", "what": f"row kernel [{c}, V]", "row_block": block,
-                       "row_warps": warps, "programs/SM": programs or "per row", "reverse": reverse}
-                try:
-                    ms = _bench(lambda: k.launch_rows(z, tgt, row_w, tiles), 200)
-                    row.update({"ms": round(ms, 3), "GB/s": round(3 * z.numel() * z.element_size() / ms / 1e6)})
-                except Exception as err:  # noqa: BLE001
-                    row["error"] = repr(err)[:100]
-                rows.append(row)
-                print(row, flush=True)
-        del z
-        _free()
-        h, w, t = _inputs(n, d, v, device, dtype)
-        h, w = h.detach(), w.detach()
-        for programs, reverse in grids:
-            tiles = dataclasses.replace(base, row_programs_per_sm=programs, row_reverse=reverse)
-            row = {"shape": f"{n}, {d}, {v}", "what": "fused (matmul logits), default chunks",
-                   "programs/SM": programs or "per row", "reverse": reverse}
-            try:
-                row["ms"] = round(_bench(lambda: k.fused(h, w, t, tiles=tiles, logits="matmul"), 300), 2)
-            except Exception as err:  # noqa: BLE001
-                row["error"] = repr(err)[:100]
-            rows.append(row)
-            print(row, flush=True)
-        del h, w, t
-        _free()
-    return rows
 
 
 def sweep_rows(device: str = "cuda", shapes=None, dtype=torch.bfloat16, row_configs=ROW_CONFIGS,
@@ -380,8 +329,6 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="tile configurations of our launchers instead")
     p.add_argument("--row-sweep", action="store_true",
                    help="the fused mode's row kernel by launch shape, then the fused op by chunk rows")
-    p.add_argument("--row-grids", action="store_true",
-                   help="the row kernel by grid (programs per SM) and second-pass order, then the fused op")
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--shapes", nargs="*", default=None, help="N,d,V ...")
     p.add_argument("--budget", type=float, default=None, help="seconds after which variants are skipped")
@@ -389,9 +336,7 @@ def main() -> None:
                    help="with --sweep: only these gradient chunk sizes (memory against speed)")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else None
-    if args.row_grids:
-        print(markdown(sweep_row_grids(shapes=shapes)))
-    elif args.row_sweep:
+    if args.row_sweep:
         print(markdown(sweep_rows(shapes=shapes)))
     elif args.sweep:
         configs = [{"chunk_rows": c} for c in args.chunk_rows] if args.chunk_rows else None

@@ -61,7 +61,7 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
             "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat",
             "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat", "chronicals-autotune-gemm",
-            "chronicals-cce-lean", "chronicals-rows-rev", "chronicals-rows-l2")
+            "chronicals-cce-lean")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
@@ -91,10 +91,6 @@ VARIANT_ENV = {
     "chronicals-lowmem": {"CHRONICALS_CCE_MODE": "recompute", "CHRONICALS_CCE_BACKWARD": "vocab"},
     # cce_mode="lean": vocabulary slices no wider than the hidden size (the least extra memory)
     "chronicals-cce-lean": {"CHRONICALS_CCE_MODE": "lean"},
-    # the loss's row kernel aiming its second read at L2: backwards second pass; and with it a grid
-    # of 2 programs per SM looping over rows (fewer rows in flight)
-    "chronicals-rows-rev": {"CHRONICALS_CCE_ROW_REVERSE": "1"},
-    "chronicals-rows-l2": {"CHRONICALS_CCE_ROW_REVERSE": "1", "CHRONICALS_CCE_ROW_PROGRAMS": "2"},
 }
 MODES = ("full", "lora")
 #: name -> (preset, batch, seq)

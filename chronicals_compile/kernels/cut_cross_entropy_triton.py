@@ -146,77 +146,67 @@ def _cce_grad_kernel(H, W, T, LSE, ROW_W, G,
 
 
 @triton.jit
-def _ce_rows_kernel(Z, T, ROW_W, LSE_OUT, ZT_OUT, SZ_OUT, N_ROWS, V, stride_z,
+def _ce_rows_kernel(Z, T, ROW_W, LSE_OUT, ZT_OUT, SZ_OUT, V, stride_z,
                     scale, softcap, target_weight, uniform_weight,
                     BLOCK_V: tl.constexpr, HAS_SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
-                    SMOOTH: tl.constexpr, REVERSE: tl.constexpr):
-    """Rows of materialised raw logits (a matmul's output): statistics, then G in place.
+                    SMOOTH: tl.constexpr):
+    """One row of materialised raw logits (a matmul's output): statistics, then G in place.
 
-    Memory-bound: each row is read twice and written once, the least a row that does not fit on
+    Memory-bound: the row is read twice and written once, the least a row that does not fit on
     chip allows (a 152k-vocabulary bf16 row is 300 KB). So the arithmetic per element is kept to
     one exp per pass: the online log-sum-exp rescales by the block's max (a scalar), not per lane,
-    and the target logit is one scalar load instead of a compare in every lane.
-
-    The second read can come from L2 instead of HBM if the row is still there: ``REVERSE`` walks
-    the second pass backwards, so it starts with the blocks the first pass read last, and a grid
-    smaller than the row count (each program loops over rows ``pid, pid + grid, ...``) keeps fewer
-    rows in flight, so that more of each one survives in L2 until it is read again.
+    and the target logit is one scalar load instead of a compare in every lane. Aiming the second
+    read at L2 was measured and lost (H200, session 10, ``results/2026-12-03-h200-session10``): a
+    backwards second pass changed nothing, and grids of a few programs per SM looping over rows
+    (fewer rows in flight) ran 1.05-2.3x slower: one program per row keeps the most loads in flight.
     """
-    n_blocks = tl.cdiv(V, BLOCK_V)
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_z
+    tgt = tl.load(T + row)
+    w_row = tl.load(ROW_W + row)
+    # Read before any lane of this program overwrites the row with G (the reductions of the first
+    # loop put barriers between this load and the second loop's stores).
+    zt = _transform(tl.load(z_row + tl.minimum(tl.maximum(tgt, 0), V - 1)).to(tl.float32), scale, softcap,
+                    HAS_SCALE, SOFTCAP)
     offs = tl.arange(0, BLOCK_V)
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    for i in range(0, tl.cdiv(N_ROWS - pid, n_programs)):
-        row = pid + i * n_programs  # a tensor in the interpreter too (a range over program ids is not)
-        z_row = Z + row.to(tl.int64) * stride_z
-        tgt = tl.load(T + row)
-        w_row = tl.load(ROW_W + row)
-        # Read before any lane of this program overwrites the row with G (the reductions of the
-        # first loop put barriers between this load and the second loop's stores).
-        zt = _transform(tl.load(z_row + tl.minimum(tl.maximum(tgt, 0), V - 1)).to(tl.float32), scale, softcap,
-                        HAS_SCALE, SOFTCAP)
-        m = float("-inf")
-        s = 0.0
-        sz = 0.0
-        for b in range(0, n_blocks):
-            cols = b * BLOCK_V + offs
-            ok = cols < V
+    m = float("-inf")
+    s = 0.0
+    sz = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        z = _transform(tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), scale, softcap,
+                       HAS_SCALE, SOFTCAP)
+        zm = tl.where(ok, z, float("-inf"))
+        new_m = tl.maximum(m, tl.max(zm, axis=0))
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(zm - safe), axis=0)
+        m = new_m
+        if SMOOTH:
+            sz += tl.sum(tl.where(ok, z, 0.0), axis=0)
+    lse = m + tl.log(s)
+    tl.store(LSE_OUT + row, lse)
+    tl.store(ZT_OUT + row, zt)
+    if SMOOTH:
+        tl.store(SZ_OUT + row, sz)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        if w_row == 0.0:
+            g = tl.zeros((BLOCK_V,), tl.float32)
+        else:
             z = _transform(tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), scale, softcap,
                            HAS_SCALE, SOFTCAP)
-            zm = tl.where(ok, z, float("-inf"))
-            new_m = tl.maximum(m, tl.max(zm, axis=0))
-            safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-            s = s * tl.exp(m - safe) + tl.sum(tl.exp(zm - safe), axis=0)
-            m = new_m
+            g = tl.exp(z - lse) - tl.where(cols == tgt, target_weight, 0.0)
             if SMOOTH:
-                sz += tl.sum(tl.where(ok, z, 0.0), axis=0)
-        lse = m + tl.log(s)
-        tl.store(LSE_OUT + row, lse)
-        tl.store(ZT_OUT + row, zt)
-        if SMOOTH:
-            tl.store(SZ_OUT + row, sz)
-        for i in range(0, n_blocks):
-            if REVERSE:
-                b = n_blocks - 1 - i
-            else:
-                b = i
-            cols = b * BLOCK_V + offs
-            ok = cols < V
-            if w_row == 0.0:
-                g = tl.zeros((BLOCK_V,), tl.float32)
-            else:
-                z = _transform(tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), scale, softcap,
-                               HAS_SCALE, SOFTCAP)
-                g = tl.exp(z - lse) - tl.where(cols == tgt, target_weight, 0.0)
-                if SMOOTH:
-                    g = g - uniform_weight
-                g = g * w_row
-                if SOFTCAP:
-                    t = z / softcap
-                    g = g * (1.0 - t * t)
-                if HAS_SCALE:
-                    g = g * scale
-            tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=ok)
+                g = g - uniform_weight
+            g = g * w_row
+            if SOFTCAP:
+                t = z / softcap
+                g = g * (1.0 - t * t)
+            if HAS_SCALE:
+                g = g * scale
+        tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=ok)
 
 
 @triton.jit

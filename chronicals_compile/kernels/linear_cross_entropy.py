@@ -86,11 +86,6 @@ class Tiles:
     #: 3.81 with 8192 x 16, 3.15-3.63 with larger blocks (results/2026-12-01-h200-session4/lce_rows.md)
     row_block: int = int(os.environ.get("CHRONICALS_CCE_ROW_BLOCK", "4096"))
     row_warps: int = int(os.environ.get("CHRONICALS_CCE_ROW_WARPS", "8"))
-    #: row-kernel programs per SM, each looping over rows (0: one program per row), and whether
-    #: its second pass walks the row backwards: both aim the second read at L2 (the kernel's
-    #: docstring); knobs until the H200 has measured them
-    row_programs_per_sm: int = int(os.environ.get("CHRONICALS_CCE_ROW_PROGRAMS", "0"))
-    row_reverse: bool = os.environ.get("CHRONICALS_CCE_ROW_REVERSE", "0") == "1"
 
 
 #: Rows per gradient chunk, overriding the size from W (a knob: memory against speed).
@@ -418,12 +413,11 @@ def launch_rows(z: torch.Tensor, target: torch.Tensor, row_w: torch.Tensor, tile
     if c == 0:
         return stats[0], stats[1], stats[2]
     block = min(tiles.row_block, triton.next_power_of_2(v))
-    grid = c if not tiles.row_programs_per_sm else min(c, tiles.row_programs_per_sm * _sm_count(z.device))
-    _ce_rows_kernel[(grid,)](
-        z, target, row_w, stats[0], stats[1], stats[2], c, v, z.stride(0),
+    _ce_rows_kernel[(c,)](
+        z, target, row_w, stats[0], stats[1], stats[2], v, z.stride(0),
         float(scale), float(softcap), 1.0 - float(label_smoothing), float(label_smoothing) / v,
         BLOCK_V=block, HAS_SCALE=scale != 1.0, SOFTCAP=softcap != 0.0, SMOOTH=label_smoothing != 0.0,
-        REVERSE=bool(tiles.row_reverse), num_warps=tiles.row_warps)
+        num_warps=tiles.row_warps)
     return stats[0], stats[1], stats[2]
 
 

@@ -60,8 +60,6 @@ def cases(max_tokens: int = 37, max_vocab: int = 300, max_hidden: int = 48, dtyp
         "mode": st.sampled_from(MODES),
         "tiles_per_group": st.sampled_from([None, 1, 3]),
         "chunk_rows": st.sampled_from([None, 7, 16]),
-        # the row kernel's grid (programs per SM, 0 = one per row) and second-pass order
-        "row_grid": st.sampled_from([(0, False), (2, True)]),
         "seed": st.integers(0, 2**31 - 1),
     })
 
@@ -122,8 +120,7 @@ def ours(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale,
 def check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, reduction: str = "mean",
           ignore: str = "some", label_smoothing: float = 0.0, softcap: float = 0.0, scale: float = 1.0,
           mode: str = "recompute", tiles_per_group: int | None = None, chunk_rows: int | None = None,
-          row_grid: tuple[int, bool] | None = None, seed: int = 0, device: str = "cpu", tiles=None,
-          dw_rows: int | None = None) -> list[Measurement]:
+          seed: int = 0, device: str = "cpu", tiles=None, dw_rows: int | None = None) -> list[Measurement]:
     """``dw_rows``: compare only that many vocabulary rows of dW (every target row plus random
     others) - at real shapes dW is up to 590M elements and the comparison runs in float64 on the
     host; dh and the loss are always compared whole."""
@@ -138,8 +135,6 @@ def check(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, reduction: s
     tiles = dataclasses.replace(tiles, tiles_per_group=tiles_per_group, chunk_rows=chunk_rows,
                                 vocab_cols=None if chunk_rows is None or mode == "recompute_lean"
                                 else 3 * chunk_rows + 1)
-    if row_grid is not None:
-        tiles = dataclasses.replace(tiles, row_programs_per_sm=row_grid[0], row_reverse=row_grid[1])
     grad = 0.75
     opts = (ignore_index, reduction, label_smoothing, softcap, scale)
     got = ours(h, w, target, *opts, mode, grad, tiles)
