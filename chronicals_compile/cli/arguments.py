@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cce-mode", choices=("fused", "recompute", "lean"), default=None,
                    help="cut cross-entropy: fused (default: gradients in the forward, fastest), "
                         "recompute (logits recomputed in backward) or lean (the least memory: about "
-                        "dh's size in fp32 beyond the gradients, at ~1.4x fused's time)")
+                        "dh's size in fp32 beyond the gradients, at ~1.7x fused's time)")
     g.add_argument("--enable", nargs="+", default=[], metavar="PATTERN",
                    help="also swap these patterns where they are off by default (e.g. rms_norm swiglu "
                         "concat_linear on CUDA); `explain` lists them")
