@@ -362,6 +362,7 @@ def _gradients_by_vocab(h, w, target, lse, row_w, *, label_smoothing, softcap, s
     dh32 = torch.empty((n, d), dtype=torch.float32, device=h.device) if need_dh else None
     dw = torch.empty_like(w) if need_dw else w.new_empty((0,))
     buf = torch.empty((n, min(cols, v)), dtype=h.dtype, device=h.device)
+    g = ws = None
     for v0 in range(0, v, cols):
         v1 = min(v, v0 + cols)
         ws, g = w[v0:v1], buf[:, : v1 - v0]
