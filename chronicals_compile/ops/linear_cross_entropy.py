@@ -175,6 +175,7 @@ def _linear_cross_entropy_cuda(h, weight, target, ignore_index, reduction, label
     from ..kernels import linear_cross_entropy as k
 
     _check_args(h, weight, target, reduction)
+    _check_layout(layout)
     return k.forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
 
 
