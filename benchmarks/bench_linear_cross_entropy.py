@@ -19,7 +19,8 @@ Variants, each computing ``mean CE(h @ W.T, target)`` and the gradients of h and
 
 ``extra MiB`` is the peak allocation during one step above what was allocated before it, minus the
 unavoidable dh and dW outputs; ``with outputs GiB`` adds them back (issue 4 counts its 0.35 GiB
-target that way: Liger's 0.32 GiB there is its 37 MiB here plus 0.28 GiB of outputs). bf16, 10% of labels ignored, ``triton.testing.do_bench`` medians.
+target that way: Liger's 0.32 GiB there is its 37 MiB here plus 0.28 GiB of outputs). bf16, 10% of
+labels ignored, ``triton.testing.do_bench`` medians.
 A variant that runs out of memory prints ``OOM`` and the others go on.
 """
 from __future__ import annotations

@@ -49,6 +49,10 @@ CUDA_UNAVAILABLE = {
 }
 
 
+#: ``Options.cce_mode``'s values, for the checks and the CLI's choices.
+CCE_MODES = ("fused", "recompute", "lean")
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     #: Pattern names to leave to Inductor.
@@ -66,7 +70,7 @@ class Options:
     #: memory-bound runs (H200, Qwen2.5-0.5B's lm_head at 16k tokens: 0.34 GiB with the gradients
     #: against fused's 1.5, at 1.7x its time; the training step 13% slower for 0.7 GiB less peak,
     #: results/2026-12-03-h200-session10). All three give the same gradients up to rounding.
-    cce_mode: Literal["fused", "recompute", "lean"] = "fused"
+    cce_mode: Literal["fused", "recompute", "lean"] = "fused"  # the values of CCE_MODES
     #: Rows per gradient chunk of the cut cross-entropy on CUDA (memory against speed): each chunk
     #: holds a [rows, V] buffer in the input dtype; fewer, larger chunks re-read the fp32 dW
     #: accumulator less and run the GEMMs nearer peak (H200, Qwen2.5-0.5B at 8 x 2048: 1664 rows
@@ -128,7 +132,7 @@ def make_options(**kwargs: Any) -> Options:
         raise ValueError(
             f"chronicals.logits must be one of auto, drop, detach, keep; got {kwargs['logits']!r}"
         )
-    if kwargs.get("cce_mode", "fused") not in ("fused", "recompute", "lean"):
+    if kwargs.get("cce_mode", "fused") not in CCE_MODES:
         raise ValueError(f"chronicals.cce_mode must be fused, recompute or lean; got {kwargs['cce_mode']!r}")
     if kwargs.get("compiler", "inductor") not in ("inductor", "aot_eager", "eager"):
         raise ValueError(f"chronicals.compiler must be inductor, aot_eager or eager; got {kwargs['compiler']!r}")

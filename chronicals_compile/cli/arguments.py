@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import CCE_MODES
+
 
 class UsageError(ValueError):
     """Bad input: one ``chronicals: error:`` line on stderr, exit code 2."""
@@ -60,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", type=float, default=None, metavar="FRACTION",
                    help="0..1: share of activations kept for backward; lower recomputes more and "
                         "saves memory (Inductor's activation_memory_budget; default: torch's)")
-    g.add_argument("--cce-mode", choices=("fused", "recompute", "lean"), default=None,
+    g.add_argument("--cce-mode", choices=CCE_MODES, default=None,
                    help="cut cross-entropy: fused (default: gradients in the forward, fastest), "
                         "recompute (logits recomputed in backward) or lean (the least memory: about "
                         "dh's size in fp32 beyond the gradients, at ~1.7x fused's time)")

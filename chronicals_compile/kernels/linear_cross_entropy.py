@@ -347,7 +347,7 @@ VOCAB_SLICE_BYTES = 1 << 28
 def _vocab_slice(n: int, v: int, d: int, elt: int, tiles: Tiles, lean: bool = False) -> int:
     if tiles.vocab_cols is not None:
         return max(1, min(v, tiles.vocab_cols))
-    if lean:  # an [N, S] buffer no larger than the dh output (when d >= block_v): below the fp32 dh accumulator's peak
+    if lean:  # an [N, S] buffer no larger than dh (for d >= block_v): below its fp32 accumulator's peak
         cols = d // tiles.block_v * tiles.block_v
     else:
         cols = VOCAB_SLICE_BYTES // max(1, n * elt) // tiles.block_v * tiles.block_v

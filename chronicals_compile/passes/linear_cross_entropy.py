@@ -42,6 +42,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from ..config import CCE_MODES
 from .graph_utils import NoMatch, arg, cast_target, dtype_of, erase_dead, meta, op, set_fake_value
 from .sizes import same_size
 
@@ -244,7 +245,7 @@ def _mode(ctx) -> str:
     """``chronicals.cce_mode``; the CHRONICALS_CCE_MODE environment variable still overrides it
     (benchmarks flip it without recompiling their option plumbing)."""
     mode = os.environ.get("CHRONICALS_CCE_MODE") or getattr(getattr(ctx, "options", None), "cce_mode", "fused")
-    return mode if mode in ("fused", "recompute", "lean") else "fused"
+    return mode if mode in CCE_MODES else "fused"
 
 
 def _insert(gm: fx.GraphModule, kind: str, target, args: tuple, like: fx.Node | None = None) -> fx.Node:
@@ -314,11 +315,12 @@ def rewrite(gm: fx.GraphModule, found: Found, ctx) -> fx.Node:
         common = (h, w, found.target, found.ignore_index, found.reduction, found.smoothing,
                   found.softcap, found.scale)
         rows = getattr(getattr(ctx, "options", None), "cce_chunk_rows", None) or 0
-        if found.training and (found.need_dh or found.need_dw) and _mode(ctx) == "fused":
+        mode = _mode(ctx)
+        if found.training and (found.need_dh or found.need_dw) and mode == "fused":
             fused = _insert(gm, "call_function", ops.linear_cross_entropy_fused.default,
                             common + (found.need_dh, found.need_dw, rows), ce)
         else:
-            layout = "lean" if _mode(ctx) == "lean" else ""
+            layout = "lean" if mode == "lean" else ""
             fused = _insert(gm, "call_function", ops.linear_cross_entropy.default, common + (rows, layout), ce)
         loss = _insert(gm, "call_function", operator.getitem, (fused, 0), ce)
         if dtype_of(ce) != torch.float32:

@@ -145,7 +145,8 @@ def test_opcheck_and_gradcheck(opts):
                           (torch.tensor(1.5, dtype=torch.float64), h.detach(), w.detach(), t, lse) + opts + (True, True))
     assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, t, *opts)[0], (h, w))
     assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy_fused(a, b, t, *opts, True, True)[0], (h, w))
-    # the lean layout travels from the forward op to its backward op (the schema's last argument)
+    # the schema's last argument, the backward layout, through opcheck and gradcheck (the CPU
+    # reference ignores it: that it reaches the CUDA launcher is the GPU tests' business)
     torch.library.opcheck(ops.linear_cross_entropy.default, (h, w, t) + opts + (0, "lean"))
     assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, t, *opts, 0, "lean")[0], (h, w))
 
@@ -241,4 +242,3 @@ def test_fused_keep_fp32_without_dh():
     _, _, dw = k.fused(h, w, t, tiles=tiles)
     assert dh.numel() == 0 and dw32.dtype == torch.float32
     torch.testing.assert_close(dw32.to(torch.float16), dw, rtol=1e-3, atol=1e-6)
-
