@@ -332,11 +332,12 @@ def _gradients(h, w, fill, *, need_dh, need_dw, tiles: Tiles, keep_fp32: bool = 
 #: vocabulary (a [C, V] buffer, a V x d fp32 dW accumulator: about 1 GiB extra at Qwen2.5-0.5B's
 #: (16384, 896, 151936)). ``vocab``: slices of the vocabulary against all rows (a [N, S] buffer,
 #: each dW slice one GEMM over every row, straight into the output, and an N x d fp32 dh
-#: accumulator: 312 MiB beyond dh and dW there, 37.6 ms on the H200). ``lean``: the vocab layout
-#: with a buffer no larger than dh itself (S = d columns), the least memory exact gradients allow.
-#: Why that is the floor: dW must be summed over every row and dh over the whole vocabulary in
-#: fp32, and one of the two sums spans programs or launches; holding the smaller accumulator
-#: (dh: N x d fp32) is the least, and the peak is that accumulator while dh is rounded out of it.
+#: accumulator: 312 MiB beyond dh and dW there, 37.6 ms on the H200). ``lean``: the least memory
+#: exact gradients allow. Why: dW must be summed over every row and dh over the whole vocabulary
+#: in fp32, and one of the two sums spans launches, so one fp32 accumulator is unavoidable; lean
+#: holds the smaller one that is needed (dh's N x d, or dW's V x d when V < N or dh is not
+#: needed, none when only one gradient is) and a gradient buffer no larger than the smaller of dh
+#: and dW (``_lean_plan``). At Qwen2.5-0.5B's shape that is the vocab layout with S = d columns.
 BACKWARD_LAYOUTS = ("rows", "vocab", "lean")
 BACKWARD_LAYOUT = os.environ.get("CHRONICALS_CCE_BACKWARD", "rows")
 
@@ -344,14 +345,34 @@ BACKWARD_LAYOUT = os.environ.get("CHRONICALS_CCE_BACKWARD", "rows")
 VOCAB_SLICE_BYTES = 1 << 28
 
 
+def _lean_buffer(n: int, v: int, d: int) -> int:
+    """Elements of lean's gradient buffer: the smaller of dh and dW, so the buffer never outweighs
+    the accumulator it sits beside."""
+    return min(n, v) * d
+
+
 def _vocab_slice(n: int, v: int, d: int, elt: int, tiles: Tiles, lean: bool = False) -> int:
     if tiles.vocab_cols is not None:
         return max(1, min(v, tiles.vocab_cols))
-    if lean:  # an [N, S] buffer no larger than dh (for d >= block_v): below its fp32 accumulator's peak
-        cols = d // tiles.block_v * tiles.block_v
+    if lean:  # an [N, S] buffer of _lean_buffer elements (S = d when N <= V), for S >= block_v
+        cols = _lean_buffer(n, v, d) // max(1, n) // tiles.block_v * tiles.block_v
     else:
         cols = VOCAB_SLICE_BYTES // max(1, n * elt) // tiles.block_v * tiles.block_v
     return max(tiles.block_v, min(v, cols))
+
+
+def _lean_plan(n: int, v: int, d: int, elt: int, tiles: Tiles, need_dh: bool, need_dw: bool) -> tuple[str, Tiles]:
+    """``lean``'s layout and tiles: whichever of the two walks holds less beyond the outputs.
+    vocab: dh's fp32 accumulator (if dh is needed) + an [N, S] buffer; rows: dW's fp32 accumulator
+    (if dW is needed) + a [C, V] buffer, both buffers of ``_lean_buffer`` elements (at least one
+    tile). So V < N (32k vocabularies, big batches) or a frozen lm_head (no dW) walk the rows."""
+    rows = tiles.chunk_rows or max(tiles.block_n, _lean_buffer(n, v, d) // max(1, v) // tiles.block_n * tiles.block_n)
+    cols = _vocab_slice(n, v, d, elt, tiles, lean=True)
+    by_rows = (v * d * 4 if need_dw else 0) + min(rows, n) * v * elt
+    by_vocab = (n * d * 4 if need_dh else 0) + n * min(cols, v) * elt
+    if by_rows < by_vocab:
+        return "rows", dataclasses.replace(tiles, chunk_rows=rows)
+    return "vocab", tiles
 
 
 def _gradients_by_vocab(h, w, target, lse, row_w, *, label_smoothing, softcap, scale, need_dh, need_dw,
@@ -393,10 +414,12 @@ def backward(grad, h, w, target, lse, ignore_index: int = -100, reduction: str =
     lse = lse.float().contiguous()
     if not (need_dh or need_dw):
         return h.new_empty((0,)), w.new_empty((0,))
-    if layout in ("vocab", "lean") and h.shape[0]:
+    lean = layout == "lean"
+    if lean:
+        layout, tiles = _lean_plan(h.shape[0], w.shape[0], h.shape[1], h.element_size(), tiles, need_dh, need_dw)
+    if layout == "vocab" and h.shape[0]:
         return _gradients_by_vocab(h, w, target, lse, row_w, label_smoothing=label_smoothing, softcap=softcap,
-                                   scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles,
-                                   lean=layout == "lean")
+                                   scale=scale, need_dh=need_dh, need_dw=need_dw, tiles=tiles, lean=lean)
 
     def fill(r0, r1, g):
         _grad_tiles(h[r0:r1], w, target[r0:r1], lse[r0:r1], row_w[r0:r1], g, label_smoothing=label_smoothing,

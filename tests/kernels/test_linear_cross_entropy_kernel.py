@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from chronicals_compile.kernels import linear_cross_entropy as k
 from chronicals_compile.verify import linear_cross_entropy as case
-from chronicals_compile.verify.tolerance import assert_all_ok
+from chronicals_compile.verify.tolerance import assert_all_ok, measure
 
 SMALL = k.Tiles(block_n=16, block_v=32, block_d=16, group_n=2, num_warps=4, num_stages=1)
 
@@ -103,6 +103,52 @@ def test_never_allocates_tokens_times_vocab(mode):
     # buffer, the per-group statistics: all < N x V
     assert seen.largest <= max(4 * v * d, 4 * n * d, 2 * chunk * max(v, n),
                                4 * 4 * n * math.ceil(v / 32)) < 2 * n * v, seen.largest
+
+
+class _Allocations(TorchDispatchMode):
+    """(op, shape, dtype) of every fresh 2-d allocation (empty / empty_like / zeros), not of conversions
+    (outputs come from empty_like, working buffers from empty)."""
+
+    FRESH = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default, torch.ops.aten.zeros.default)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.FRESH and out.dim() == 2:
+            self.seen.add((func.__name__, tuple(out.shape), out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("n, v, d, need_dh, need_dw, accumulator", [
+    (37, 300, 64, True, True, "dh"),     # N < V: dh's N x d fp32 accumulator (Qwen's case)
+    (300, 37, 16, True, True, "dw"),     # V < N: dW's V x d is the smaller one to hold
+    (37, 300, 64, True, False, None),    # frozen lm_head: row chunks write dh straight out
+    (37, 300, 64, False, True, None),    # frozen h: vocab slices write dW straight out
+])
+def test_lean_holds_only_the_smaller_accumulator(n, v, d, need_dh, need_dw, accumulator):
+    """cce_mode="lean" (layout ``lean``): one fp32 accumulator at most, the smaller one needed, and
+    a gradient buffer no larger than the smaller of dh and dW (one tile at least); gradients as
+    exact as torch's. Fails if the layout's sizing regresses to the vocab layout's wide slices."""
+    h, w, t, ii = case.make_inputs(n, d, v, torch.float16, "some", n + v)
+    tiles = k.default_tiles(h.dtype, h.device)
+    _, lse = k.forward(h, w, t)
+    with _Allocations() as seen:
+        dh, dw = k.backward(torch.tensor(0.75), h, w, t, lse, ii, need_dh=need_dh, need_dw=need_dw, layout="lean")
+    fp32 = {shape for _, shape, dtype in seen.seen if dtype == torch.float32}
+    assert fp32 == {"dh": {(n, d)}, "dw": {(v, d)}, None: set()}[accumulator], seen.seen
+    buffers = [s for op, s, dtype in seen.seen if dtype == h.dtype and op == "empty.memory_format"]
+    assert len(buffers) == 1, seen.seen
+    (rows, cols), = buffers
+    assert rows * cols <= max(min(n, v) * d, tiles.block_n * v if rows < n else n * tiles.block_v), buffers
+    ref = case.torch_loss(h.double(), w.double(), t, ii, "mean", 0.0, 0.0, 1.0, grad=0.75)
+    same = case.torch_loss(h, w, t, ii, "mean", 0.0, 0.0, 1.0, grad=0.75)
+    got = [(dh, 1), (dw, 2)] if need_dh and need_dw else [(dh, 1)] if need_dh else [(dw, 2)]
+    assert (dw.numel() == 0) != need_dw and (dh.numel() == 0) != need_dh
+    assert_all_ok([measure(f"lean.{i}", g, same[i], ref[i], dtype=h.dtype, slack_scale=case.GRAD_SLACK)
+                   for g, i in got])
 
 
 # ---- the ops' CPU implementation: the chunked torch reference ----

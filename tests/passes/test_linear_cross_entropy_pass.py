@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import chronicals_compile
 from chronicals_compile.testing import FAMILIES, random_batch, tiny_model, with_lora
@@ -155,6 +156,36 @@ def test_chunk_rows_option_reaches_the_op(mode):
                                                                        "cce_mode": mode})
     assert report.swaps.get(NAME) == 1, str(report)
     assert_same_training_step(eager, compiled)
+
+
+class _BackwardOpCalls(TorchDispatchMode):
+    """The arguments of every ``chronicals::linear_cross_entropy_backward`` call it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "linear_cross_entropy_backward" in str(func):
+            self.calls.append(args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_lean_layout_reaches_the_backward_op(compiler):
+    """The CPU reference ignores the layout, so training like eager cannot show that lean's layout
+    survives from the forward op (where the pass writes it) to the backward op (where the CUDA
+    launcher reads it); this records the backward op's arguments as the compiled model's
+    backward runs."""
+    torch._dynamo.reset()
+    model = tiny_model("qwen2", layers=1)
+    batch = random_batch(pad_labels=3)
+    compiled = torch.compile(model, backend="chronicals",
+                             options={"chronicals.compiler": compiler, "chronicals.cce_mode": "lean"})
+    loss = compiled(**batch).loss
+    with _BackwardOpCalls() as seen:
+        loss.backward()
+    assert len(seen.calls) == 1 and seen.calls[0][-1] == "lean", seen.calls
 
 
 class _LossOnly(nn.Module):
