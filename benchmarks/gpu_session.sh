@@ -28,6 +28,7 @@
 #   e2e-levers=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-cudagraphs (reduce-overhead)
 #   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
 #   concat-micro=60 linears on one input apart vs one GEMM (bench_concat_linear.py), fwd+bwd, no compile
+#   mlp-epilogue=120  a Triton GEMM with the SwiGLU math in its epilogue vs cuBLAS + Inductor's kernel (bench_mlp_epilogue.py)
 #   lora-micro=60   chronicals::lora_linear vs peft's three GEMMs + add (bench_lora_linear.py), fwd+bwd, no compile
 #   e2e-concat=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-concat (concat_linear, off by default);
 #                   for LoRA: E2E_LORA_VARIANTS=inductor,chronicals,chronicals-concat with e2e-lora-bf16
@@ -108,6 +109,7 @@ for stage in "${stages[@]}"; do
     e2e-rope) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_rope \
            --variants inductor,chronicals,chronicals-rope,chronicals-cudagraphs,chronicals-rope-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
     concat-micro) timeout "${secs:-60}" python3 benchmarks/bench_concat_linear.py 2>&1 | tee "$OUT/concat_micro.md" | grep "^|" ;;
+    mlp-epilogue) timeout "${secs:-120}" python3 benchmarks/bench_mlp_epilogue.py 2>&1 | tee "$OUT/mlp_epilogue.md" | grep -v Warning ;;
     lora-micro) timeout "${secs:-60}" python3 benchmarks/bench_lora_linear.py 2>&1 | tee "$OUT/lora_micro.md" | grep "^|" ;;
     e2e-concat) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_concat \
            --variants inductor,chronicals,chronicals-concat 2>&1 | grep "^e2e:\|^|" ;;
