@@ -317,6 +317,51 @@ def sweep_rows(device: str = "cuda", shapes=None, dtype=torch.bfloat16, row_conf
     return rows
 
 
+def frozen_weight(device: str = "cuda", shapes=None, dtype=torch.bfloat16) -> list[dict]:
+    """The gradient of h alone (a frozen lm_head: LoRA's case) by method: time and peak beyond dh.
+    Picks how ``layout="lean"`` walks when dW is not needed (row chunks with no accumulator, against
+    the vocab walk with dh's fp32 accumulator it took before)."""
+    import dataclasses
+
+    from chronicals_compile.kernels import linear_cross_entropy as k
+
+    rows = []
+    for n, d, v in shapes or SHAPES[:2]:
+        h, w, t = _inputs(n, d, v, device, dtype)
+        h, w = h.detach(), w.detach()
+        one = torch.ones((), device=device)
+        base = k.default_tiles(dtype, torch.device(device))
+        _, lse = k.forward(h, w, t)
+        methods = {
+            "fused (default training path)": lambda: k.fused(h, w, t, need_dw=False, logits="matmul"),
+            "recompute, rows": lambda: k.backward(one, h, w, t, lse, need_dw=False, layout="rows"),
+            "recompute, vocab": lambda: k.backward(one, h, w, t, lse, need_dw=False, layout="vocab"),
+            "recompute, vocab slices of d (lean before)": lambda: k.backward(
+                one, h, w, t, lse, need_dw=False, layout="vocab",
+                tiles=dataclasses.replace(base, vocab_cols=d // base.block_v * base.block_v)),
+            "recompute, lean": lambda: k.backward(one, h, w, t, lse, need_dw=False, layout="lean"),
+        }
+        for name, fn in methods.items():
+            row = {"shape": f"{n}, {d}, {v}", "method": name}
+            try:
+                _free()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                fn()
+                torch.cuda.synchronize()
+                row["beyond dh MiB"] = round((torch.cuda.max_memory_allocated() - before - h.numel() * h.element_size())
+                                             / 2**20, 1)
+                row["ms"] = round(_bench(fn, 300), 2)
+            except Exception as err:  # noqa: BLE001
+                row["error"] = repr(err)[:120]
+            rows.append(row)
+            print(row, flush=True)
+        del h, w, t, lse
+        _free()
+    return rows
+
+
 def main() -> None:
     import argparse
     import os
@@ -330,6 +375,7 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="tile configurations of our launchers instead")
     p.add_argument("--row-sweep", action="store_true",
                    help="the fused mode's row kernel by launch shape, then the fused op by chunk rows")
+    p.add_argument("--frozen-weight", action="store_true", help="the gradient of h alone (frozen lm_head), by method")
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--shapes", nargs="*", default=None, help="N,d,V ...")
     p.add_argument("--budget", type=float, default=None, help="seconds after which variants are skipped")
@@ -337,7 +383,9 @@ def main() -> None:
                    help="with --sweep: only these gradient chunk sizes (memory against speed)")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else None
-    if args.row_sweep:
+    if args.frozen_weight:
+        print(markdown(frozen_weight(shapes=shapes)))
+    elif args.row_sweep:
         print(markdown(sweep_rows(shapes=shapes)))
     elif args.sweep:
         configs = [{"chunk_rows": c} for c in args.chunk_rows] if args.chunk_rows else None

@@ -22,6 +22,7 @@
 #   e2e-lora-bf16=480  LoRA r=32 with adapter weights in bf16 (peft's default is fp32): eager, inductor, liger, chronicals
 #                   ($E2E_LORA_VARIANTS overrides the list)
 #   lce-peers=300   cut cross-entropy against eager, compile, Liger, Apple CCE at the three issue shapes
+#   lce-frozen=120  cut cross-entropy's gradient of h alone (frozen lm_head, LoRA) by method and layout
 #   lce-chunks=150  cut cross-entropy chunk sizes (memory against speed), both logits modes
 #   attention=90    grouped-query attention fwd+bwd: expanded k/v vs enable_gqa, per SDPA backend
 #   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
@@ -98,6 +99,8 @@ for stage in "${stages[@]}"; do
     lce-peers) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py --budget $(( ${secs:-300} - 30 )) \
            --shapes 32768,4096,128256 16384,896,151936 8192,2304,256000 2>&1 \
            | grep -v Warning | tee "$OUT/lce.md" | tail -40 ;;
+    lce-frozen) timeout "${secs:-120}" python3 benchmarks/bench_linear_cross_entropy.py --frozen-weight 2>&1 \
+      | grep -v Warning | tee "$OUT/lce_frozen.md" | grep "^|" ;;
     lce-chunks) timeout "${secs:-150}" python3 benchmarks/bench_linear_cross_entropy.py --sweep --chunk-rows 1024 2048 4096 8192 16384 2>&1 \
            | grep -v Warning | tee "$OUT/lce_chunks.md" | tail -12 ;;
     attention) timeout "${secs:-90}" python3 benchmarks/bench_attention.py 2>&1 | grep -v Warning \
