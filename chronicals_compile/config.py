@@ -65,8 +65,9 @@ class Options:
     #: Cut cross-entropy in training: ``fused`` computes dh and dW during the forward (the logits
     #: once) and scales them in backward; ``recompute`` recomputes the logit tiles in backward
     #: (less memory held between forward and backward, a third more matmul work); ``lean`` is
-    #: ``recompute`` walking vocabulary slices with a buffer no larger than dh: the least extra
-    #: memory exact gradients allow (dh's fp32 accumulator, N x d x 4 bytes), for the most
+    #: ``recompute`` holding the least extra memory exact gradients allow: the smaller fp32
+    #: accumulator needed (dh's N x d x 4 bytes, or dW's when V < N; none for a frozen lm_head)
+    #: and a buffer no larger than the smaller gradient, for the most
     #: memory-bound runs (H200, Qwen2.5-0.5B's lm_head at 16k tokens: 0.34 GiB with the gradients
     #: against fused's 1.5, at 1.7x its time; the training step 13% slower for 0.7 GiB less peak,
     #: results/2026-12-03-h200-session10). All three give the same gradients up to rounding.
