@@ -148,6 +148,59 @@ def _mm_swiglu_bwd_tma_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr,
         h_d.store([om, on], acc.to(h_ptr.dtype.element_ty))
 
 
+def _persistent_configs():
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+                                  (128, 64, 64, 4, 4))]
+
+
+@triton.autotune(configs=_persistent_configs(), key=["M", "N", "K", "EPILOGUE", "WARP_SPECIALIZE"])
+@triton.jit
+def _mm_swiglu_bwd_persistent_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, M, N, K,
+                                     EPILOGUE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, NUM_SMS: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                     GROUP_M: tl.constexpr):
+    """One program per SM walking output tiles (TMA loads): the compiler can issue the next tile's
+    operand loads while this tile's epilogue runs, which the one-tile-per-program kernels cannot."""
+    a_d = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+    b_d = tl.make_tensor_descriptor(b_ptr, [K, N], [N, 1], [BLOCK_K, BLOCK_N])
+    h_d = tl.make_tensor_descriptor(h_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
+    g_d = tl.make_tensor_descriptor(g_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
+    u_d = tl.make_tensor_descriptor(u_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
+    dg_d = tl.make_tensor_descriptor(dg_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
+    du_d = tl.make_tensor_descriptor(du_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ks in range(k_steps):
+            acc += tl.dot(a_d.load([om, ks * BLOCK_K]), b_d.load([ks * BLOCK_K, on]))
+        if EPILOGUE:
+            g = g_d.load([om, on]).to(tl.float32)
+            u = u_d.load([om, on]).to(tl.float32)
+            sig = tl.sigmoid(g)
+            silu = g * sig
+            h_d.store([om, on], (silu * u).to(h_ptr.dtype.element_ty))
+            du_d.store([om, on], (acc * silu).to(du_ptr.dtype.element_ty))
+            dg_d.store([om, on], (acc * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty))
+        else:
+            h_d.store([om, on], acc.to(h_ptr.dtype.element_ty))
+
+
+def triton_bwd_persistent(dy, w_down, g, u, epilogue=True, warp_specialize=False):
+    m, k = dy.shape
+    n = w_down.shape[1]
+    h = torch.empty((m, n), device=dy.device, dtype=dy.dtype)
+    dg, du = (torch.empty_like(h), torch.empty_like(h)) if epilogue else (h, h)
+    sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 4
+    grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)  # noqa: E731
+    _mm_swiglu_bwd_persistent_kernel[grid](dy, w_down, g, u, h, dg, du, m, n, k, EPILOGUE=epilogue,
+                                           WARP_SPECIALIZE=warp_specialize, NUM_SMS=sms)
+    return (h, dg, du) if epilogue else h
+
+
 def _tma_allocator():
     triton.set_allocator(lambda size, align, stream: torch.empty(size, device="cuda", dtype=torch.int8))
 
@@ -238,6 +291,17 @@ def main() -> None:
                                             lambda: triton_bwd_tma(dy, w_down, g, u), 2 * m * d * f)
     except Exception as e:  # noqa: BLE001 - a missing TMA path is a finding, not a failure
         print(f"TMA descriptor kernels unavailable: {type(e).__name__}: {str(e)[:200]}")
+    for ws in (False, True):
+        tag = " warp-specialised" if ws else ""
+        try:
+            triton_bwd_persistent(dy, w_down, g, u, warp_specialize=ws)
+            pairs[f"gemm  (persistent{tag})"] = (pairs["gemm  dh = dY @ W_down"][0], lambda ws=ws: triton_bwd_persistent(
+                dy, w_down, g, u, epilogue=False, warp_specialize=ws), 2 * m * d * f)
+            pairs[f"bwd   (persistent{tag})"] = (pairs["bwd   dh GEMM + silu backward"][0],
+                                                 lambda ws=ws: triton_bwd_persistent(dy, w_down, g, u, warp_specialize=ws),
+                                                 2 * m * d * f)
+        except Exception as e:  # noqa: BLE001
+            print(f"persistent{tag} kernel unavailable: {type(e).__name__}: {str(e)[:300]}")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"commit {common.git_commit()}, M={m} K={d} N={f}, bf16, medians of triton do_bench")
     print("| pair | cuBLAS + Inductor ms | TFLOP/s | Triton fused ms | TFLOP/s | Triton config | gain ms x 24 layers |")
@@ -246,8 +310,8 @@ def main() -> None:
         want, got = ref_fn(), ours_fn()
         _close(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,), name)
         ref_ms, ours_ms = common.do_bench_ms(ref_fn, rep=200), common.do_bench_ms(ours_fn, rep=200)
-        kern = (_mm_swiglu_fwd_kernel if name.startswith("fwd") else
-                _mm_swiglu_bwd_tma_kernel if "TMA" in name else _mm_swiglu_bwd_kernel)
+        kern = (_mm_swiglu_fwd_kernel if name.startswith("fwd") else _mm_swiglu_bwd_tma_kernel if "TMA" in name
+                else _mm_swiglu_bwd_persistent_kernel if "persistent" in name else _mm_swiglu_bwd_kernel)
         cfg = kern.best_config
         print(f"| {name} | {ref_ms:.4f} | {common.tflops(flops, ref_ms):.0f} | {ours_ms:.4f} | "
               f"{common.tflops(flops, ours_ms):.0f} | {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x"
