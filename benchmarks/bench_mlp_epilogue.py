@@ -154,12 +154,12 @@ def _persistent_configs():
                                   (128, 64, 64, 4, 4))]
 
 
-@triton.autotune(configs=_persistent_configs(), key=["M", "N", "K", "EPILOGUE", "WARP_SPECIALIZE"])
+@triton.autotune(configs=_persistent_configs(), key=["M", "N", "K", "EPILOGUE", "WARP_SPECIALIZE", "PREFETCH"])
 @triton.jit
 def _mm_swiglu_bwd_persistent_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, M, N, K,
                                      EPILOGUE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, NUM_SMS: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                     GROUP_M: tl.constexpr):
+                                     GROUP_M: tl.constexpr, PREFETCH: tl.constexpr = False):
     """One program per SM walking output tiles (TMA loads): the compiler can issue the next tile's
     operand loads while this tile's epilogue runs, which the one-tile-per-program kernels cannot."""
     a_d = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
@@ -174,12 +174,19 @@ def _mm_swiglu_bwd_persistent_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, 
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
+        if EPILOGUE and PREFETCH:  # issued before the main loop: in flight while the tensor cores work
+            g_in = g_d.load([om, on])
+            u_in = u_d.load([om, on])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ks in range(k_steps):
             acc += tl.dot(a_d.load([om, ks * BLOCK_K]), b_d.load([ks * BLOCK_K, on]))
         if EPILOGUE:
-            g = g_d.load([om, on]).to(tl.float32)
-            u = u_d.load([om, on]).to(tl.float32)
+            if PREFETCH:
+                g = g_in.to(tl.float32)
+                u = u_in.to(tl.float32)
+            else:
+                g = g_d.load([om, on]).to(tl.float32)
+                u = u_d.load([om, on]).to(tl.float32)
             sig = tl.sigmoid(g)
             silu = g * sig
             h_d.store([om, on], (silu * u).to(h_ptr.dtype.element_ty))
@@ -189,7 +196,7 @@ def _mm_swiglu_bwd_persistent_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, 
             h_d.store([om, on], acc.to(h_ptr.dtype.element_ty))
 
 
-def triton_bwd_persistent(dy, w_down, g, u, epilogue=True, warp_specialize=False):
+def triton_bwd_persistent(dy, w_down, g, u, epilogue=True, warp_specialize=False, prefetch=False):
     m, k = dy.shape
     n = w_down.shape[1]
     h = torch.empty((m, n), device=dy.device, dtype=dy.dtype)
@@ -197,7 +204,7 @@ def triton_bwd_persistent(dy, w_down, g, u, epilogue=True, warp_specialize=False
     sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 4
     grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)  # noqa: E731
     _mm_swiglu_bwd_persistent_kernel[grid](dy, w_down, g, u, h, dg, du, m, n, k, EPILOGUE=epilogue,
-                                           WARP_SPECIALIZE=warp_specialize, NUM_SMS=sms)
+                                           WARP_SPECIALIZE=warp_specialize, NUM_SMS=sms, PREFETCH=prefetch)
     return (h, dg, du) if epilogue else h
 
 
@@ -258,6 +265,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=896)
     ap.add_argument("--inter", type=int, default=4864)
+    ap.add_argument("--only", default="", help="time only the pairs whose name contains this")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     m, d, f = args.tokens, args.hidden, args.inter
@@ -302,11 +310,20 @@ def main() -> None:
                                                  2 * m * d * f)
         except Exception as e:  # noqa: BLE001
             print(f"persistent{tag} kernel unavailable: {type(e).__name__}: {str(e)[:300]}")
+        try:
+            triton_bwd_persistent(dy, w_down, g, u, warp_specialize=ws, prefetch=True)
+            pairs[f"bwd   (persistent{tag}, g and u loaded before the main loop)"] = (
+                pairs["bwd   dh GEMM + silu backward"][0],
+                lambda ws=ws: triton_bwd_persistent(dy, w_down, g, u, warp_specialize=ws, prefetch=True), 2 * m * d * f)
+        except Exception as e:  # noqa: BLE001
+            print(f"persistent{tag} prefetching kernel unavailable: {type(e).__name__}: {str(e)[:300]}")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"commit {common.git_commit()}, M={m} K={d} N={f}, bf16, medians of triton do_bench")
     print("| pair | cuBLAS + Inductor ms | TFLOP/s | Triton fused ms | TFLOP/s | Triton config | gain ms x 24 layers |")
     print("|---|---|---|---|---|---|---|")
     for name, (ref_fn, ours_fn, flops) in pairs.items():
+        if args.only and args.only not in name:
+            continue
         want, got = ref_fn(), ours_fn()
         _close(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,), name)
         ref_ms, ours_ms = common.do_bench_ms(ref_fn, rep=200), common.do_bench_ms(ours_fn, rep=200)
