@@ -70,7 +70,9 @@ class Options:
     #: and a buffer no larger than the smaller gradient, for the most
     #: memory-bound runs (H200, Qwen2.5-0.5B's lm_head at 16k tokens: 0.34 GiB with the gradients
     #: against fused's 1.5, at 1.7x its time; the training step 13% slower for 0.7 GiB less peak,
-    #: results/2026-12-03-h200-session10). All three give the same gradients up to rounding.
+    #: results/2026-12-03-h200-session10; with a frozen lm_head 37 MiB beyond dh at 27.8 ms against
+    #: fused's 997 MiB at 17.4, the LoRA step 16% slower for 0.28 GiB, session11). All three give
+    #: the same gradients up to rounding.
     cce_mode: Literal["fused", "recompute", "lean"] = "fused"  # the values of CCE_MODES
     #: Rows per gradient chunk of the cut cross-entropy on CUDA (memory against speed): each chunk
     #: holds a [rows, V] buffer in the input dtype; fewer, larger chunks re-read the fp32 dW
