@@ -77,6 +77,13 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, quack {getattr(quack, '__version__', '?')}, "
           f"commit {common.git_commit()}, M={m} K={d} N={f}, bf16, tuned={tuned}, medians of triton do_bench")
     rows = []
+    print("| pair | cuBLAS + Inductor ms | TFLOP/s | QuACK ms | TFLOP/s | max rel diff | QuACK first call s | gain ms x 24 layers |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+
+    def report(name, ref_ms, ours_ms, flops, err, cs):
+        rows.append(name)
+        print(f"| {name} | {ref_ms:.4f} | {common.tflops(flops, ref_ms):.0f} | {ours_ms:.4f} | "
+              f"{common.tflops(flops, ours_ms):.0f} | {err:.1e} | {cs:.1f} | {(ref_ms - ours_ms) * 24:+.2f} |", flush=True)
 
     # gated forward
     t0 = time.monotonic()
@@ -88,7 +95,7 @@ def main() -> None:
     err = max(_rel(preact.view(m, f, 2)[..., 0], g), _rel(preact.view(m, f, 2)[..., 1], u), _rel(postact, want))
     ref_ms = common.do_bench_ms(lambda: (lambda z: silu_mul(z[:, :f], z[:, f:]))(x @ w_gu.t()), rep=200)
     ours_ms = common.do_bench_ms(lambda: gemm_gated(x, w1.t(), activation="swiglu", tuned=tuned), rep=200)
-    rows.append(("gated fwd: gate|up GEMM + silu * up", ref_ms, ours_ms, 4 * m * d * f, err, compile_s))
+    report("gated fwd: gate|up GEMM + silu * up", ref_ms, ours_ms, 4 * m * d * f, err, compile_s)
 
     # dgated backward
     g, u = g.contiguous(), u.contiguous()
@@ -99,7 +106,7 @@ def main() -> None:
     err = max(_rel(dpre.view(m, f, 2)[..., 0], dg), _rel(dpre.view(m, f, 2)[..., 1], du), _rel(post, h))
     ref_ms = common.do_bench_ms(lambda: silu_bwd(dy @ w_down, g, u), rep=200)
     ours_ms = common.do_bench_ms(lambda: gemm_dgated(dy, w_down, preact, activation="swiglu", tuned=tuned), rep=200)
-    rows.append(("dgated bwd: dh GEMM + silu backward", ref_ms, ours_ms, 2 * m * d * f, err, compile_s))
+    report("dgated bwd: dh GEMM + silu backward", ref_ms, ours_ms, 2 * m * d * f, err, compile_s)
 
     # the whole MLP, forward and backward
     xr = x.clone().requires_grad_(True)
@@ -134,13 +141,7 @@ def main() -> None:
         fn()
         torch.cuda.synchronize()
         print(f"MLP fwd+bwd peak beyond inputs, {name}: {(torch.cuda.max_memory_allocated() - before) / 2**20:.0f} MiB")
-    rows.append(("MLP fwd+bwd (three linears, Inductor vs quack.mlp)", ref_ms, ours_ms, 18 * m * d * f, err, compile_s))
-
-    print("| pair | cuBLAS + Inductor ms | TFLOP/s | QuACK ms | TFLOP/s | max rel diff | QuACK first call s | gain ms x 24 layers |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, ref_ms, ours_ms, flops, err, cs in rows:
-        print(f"| {name} | {ref_ms:.4f} | {common.tflops(flops, ref_ms):.0f} | {ours_ms:.4f} | "
-              f"{common.tflops(flops, ours_ms):.0f} | {err:.1e} | {cs:.1f} | {(ref_ms - ours_ms) * 24:+.2f} |")
+    report("MLP fwd+bwd (three linears, Inductor vs quack.mlp)", ref_ms, ours_ms, 18 * m * d * f, err, compile_s)
 
 
 if __name__ == "__main__":
