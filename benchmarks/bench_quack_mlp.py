@@ -2,8 +2,8 @@
 epilogue) beat cuBLAS + Inductor's elementwise kernels at Qwen2.5-0.5B's MLP (16384 x 896 -> 4864)?
 Why ask: issue 7's last ~6 ms are the SwiGLU elementwise passes (~8 ms a step), which only a GEMM
 epilogue at cuBLAS speed removes; our own Triton epilogue loses (bench_mlp_epilogue.py). QuACK is
-not a dependency: this script runs where it is installed (the device, carried by hand) and says so
-where it is not.
+not a dependency: this script runs where it is installed (the device, carried as `.qk/` built by
+``scripts/quack-wheels.sh``) and says so where it is not.
 
 Three pairs, each checked against its reference before it is timed (bf16):
 
