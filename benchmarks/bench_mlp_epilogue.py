@@ -50,6 +50,14 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.c
     return pid_m, pid_n
 
 
+@triton.jit
+def _swiglu_bwd_math(acc, g, u):
+    """From dh (the fp32 accumulator) and g, u (fp32): h = silu(g) * u, dg, du."""
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    return silu * u, acc * u * sig * (1.0 + g * (1.0 - sig)), acc * silu
+
+
 @triton.autotune(configs=_configs(False), key=["M", "N", "K", "EPILOGUE"])
 @triton.jit
 def _mm_swiglu_bwd_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, M, N, K,
@@ -73,13 +81,11 @@ def _mm_swiglu_bwd_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, M, 
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     off = rm[:, None] * stride_cm + rn[None, :]
     if EPILOGUE:
-        g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        tl.store(h_ptr + off, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(du_ptr + off, (acc * silu).to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(dg_ptr + off, (acc * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
+        h, dg, du = _swiglu_bwd_math(acc, tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32),
+                                     tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32))
+        tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + off, dg.to(dg_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(h_ptr + off, acc.to(h_ptr.dtype.element_ty), mask=mask)
 
@@ -137,13 +143,10 @@ def _mm_swiglu_bwd_tma_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr,
         u_d = tl.make_tensor_descriptor(u_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
         dg_d = tl.make_tensor_descriptor(dg_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
         du_d = tl.make_tensor_descriptor(du_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
-        g = g_d.load([om, on]).to(tl.float32)
-        u = u_d.load([om, on]).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        h_d.store([om, on], (silu * u).to(h_ptr.dtype.element_ty))
-        du_d.store([om, on], (acc * silu).to(du_ptr.dtype.element_ty))
-        dg_d.store([om, on], (acc * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty))
+        h, dg, du = _swiglu_bwd_math(acc, g_d.load([om, on]).to(tl.float32), u_d.load([om, on]).to(tl.float32))
+        h_d.store([om, on], h.to(h_ptr.dtype.element_ty))
+        du_d.store([om, on], du.to(du_ptr.dtype.element_ty))
+        dg_d.store([om, on], dg.to(dg_ptr.dtype.element_ty))
     else:
         h_d.store([om, on], acc.to(h_ptr.dtype.element_ty))
 
@@ -187,11 +190,10 @@ def _mm_swiglu_bwd_persistent_kernel(a_ptr, b_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, 
             else:
                 g = g_d.load([om, on]).to(tl.float32)
                 u = u_d.load([om, on]).to(tl.float32)
-            sig = tl.sigmoid(g)
-            silu = g * sig
-            h_d.store([om, on], (silu * u).to(h_ptr.dtype.element_ty))
-            du_d.store([om, on], (acc * silu).to(du_ptr.dtype.element_ty))
-            dg_d.store([om, on], (acc * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty))
+            h, dg, du = _swiglu_bwd_math(acc, g, u)
+            h_d.store([om, on], h.to(h_ptr.dtype.element_ty))
+            du_d.store([om, on], du.to(du_ptr.dtype.element_ty))
+            dg_d.store([om, on], dg.to(dg_ptr.dtype.element_ty))
         else:
             h_d.store([om, on], acc.to(h_ptr.dtype.element_ty))
 
@@ -254,6 +256,23 @@ def _silu_mul(g, u):
     return (torch.nn.functional.silu(g.float()) * u.float()).to(g.dtype)
 
 
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--hidden", type=int, default=896)
+    ap.add_argument("--inter", type=int, default=4864)
+
+
+def mlp_inputs(m: int, d: int, f: int, dev: str = "cuda", dt: torch.dtype = torch.bfloat16):
+    """x, dY [m, d]; W_gate, W_up [f, d]; W_down [d, f] (seed 0, unit-variance outputs)."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, d, device=dev, dtype=dt, generator=gen)
+    dy = torch.randn(m, d, device=dev, dtype=dt, generator=gen)
+    w_gate = (torch.randn(f, d, device=dev, generator=gen) * d ** -0.5).to(dt)
+    w_up = (torch.randn(f, d, device=dev, generator=gen) * d ** -0.5).to(dt)
+    w_down = (torch.randn(d, f, device=dev, generator=gen) * f ** -0.5).to(dt)
+    return x, dy, w_gate, w_up, w_down
+
+
 def _close(got, want, what):
     for a, b in zip(got, want):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
@@ -262,19 +281,11 @@ def _close(got, want, what):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--hidden", type=int, default=896)
-    ap.add_argument("--inter", type=int, default=4864)
+    add_shape_args(ap)
     ap.add_argument("--only", default="", help="time only the pairs whose name contains this")
     args = ap.parse_args()
-    dev, dt = "cuda", torch.bfloat16
     m, d, f = args.tokens, args.hidden, args.inter
-    gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(m, d, device=dev, dtype=dt, generator=gen)
-    dy = torch.randn(m, d, device=dev, dtype=dt, generator=gen)
-    w_gate = (torch.randn(f, d, device=dev, generator=gen) * d ** -0.5).to(dt)
-    w_up = (torch.randn(f, d, device=dev, generator=gen) * d ** -0.5).to(dt)
-    w_down = (torch.randn(d, f, device=dev, generator=gen) * f ** -0.5).to(dt)
+    x, dy, w_gate, w_up, w_down = mlp_inputs(m, d, f)
     g, u = x @ w_gate.t(), x @ w_up.t()
     silu_bwd, silu_mul = torch.compile(_silu_bwd), torch.compile(_silu_mul)
     w_gu = torch.cat([w_gate, w_up])

@@ -27,17 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
-
-def _silu_mul(g, u):
-    return (F.silu(g.float()) * u.float()).to(g.dtype)
-
-
-def _silu_bwd(dh, g, u):
-    gf, uf, dhf = g.float(), u.float(), dh.float()
-    sig = torch.sigmoid(gf)
-    silu = gf * sig
-    return (dhf * uf * sig * (1 + gf * (1 - sig))).to(g.dtype), (dhf * silu).to(g.dtype), (silu * uf).to(g.dtype)
+from bench_mlp_epilogue import _silu_bwd, _silu_mul, add_shape_args, mlp_inputs  # noqa: E402
 
 
 def _mlp(x, w_gate, w_up, w_down):
@@ -50,9 +40,7 @@ def _rel(a, b):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--hidden", type=int, default=896)
-    ap.add_argument("--inter", type=int, default=4864)
+    add_shape_args(ap)
     ap.add_argument("--tuned", action="store_true", help="let QuACK autotune its tile configs (long compiles)")
     args = ap.parse_args()
     try:
@@ -65,12 +53,7 @@ def main() -> None:
     dev, dt = "cuda", torch.bfloat16
     m, d, f = args.tokens, args.hidden, args.inter
     tuned = args.tuned
-    gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(m, d, device=dev, dtype=dt, generator=gen)
-    dy = torch.randn(m, d, device=dev, dtype=dt, generator=gen)
-    w_gate = (torch.randn(f, d, device=dev, generator=gen) * d ** -0.5).to(dt)
-    w_up = (torch.randn(f, d, device=dev, generator=gen) * d ** -0.5).to(dt)
-    w_down = (torch.randn(d, f, device=dev, generator=gen) * f ** -0.5).to(dt)
+    x, dy, w_gate, w_up, w_down = mlp_inputs(m, d, f, dev, dt)
     w1 = torch.stack([w_gate, w_up], dim=1).reshape(2 * f, d)  # rows g0, u0, g1, u1, ...: QuACK's interleaving
     w_gu = torch.cat([w_gate, w_up])
     silu_mul, silu_bwd = torch.compile(_silu_mul), torch.compile(_silu_bwd)
@@ -102,7 +85,7 @@ def main() -> None:
     t0 = time.monotonic()
     dpre, post = gemm_dgated(dy, w_down, preact, activation="swiglu", tuned=tuned)
     compile_s = time.monotonic() - t0
-    dg, du, h = silu_bwd(dy @ w_down, g, u)
+    h, dg, du = silu_bwd(dy @ w_down, g, u)
     err = max(_rel(dpre.view(m, f, 2)[..., 0], dg), _rel(dpre.view(m, f, 2)[..., 1], du), _rel(post, h))
     ref_ms = common.do_bench_ms(lambda: silu_bwd(dy @ w_down, g, u), rep=200)
     ours_ms = common.do_bench_ms(lambda: gemm_dgated(dy, w_down, preact, activation="swiglu", tuned=tuned), rep=200)
@@ -112,7 +95,7 @@ def main() -> None:
     xr = x.clone().requires_grad_(True)
     ws = [w.clone().requires_grad_(True) for w in (w_gate, w_up, w_down)]
     w1r, w2r = w1.clone().requires_grad_(True), w_down.clone().requires_grad_(True)
-    grad = torch.randn(m, d, device=dev, dtype=dt, generator=gen)
+    grad = torch.randn(m, d, device=dev, dtype=dt, generator=torch.Generator(device=dev).manual_seed(1))
     mlp_compiled = torch.compile(_mlp)
 
     def torch_step():
