@@ -13,7 +13,7 @@ Three pairs, each checked against its reference before it is timed (bf16):
   Inductor's silu backward;
 * ``MLP fwd+bwd``: ``quack.mlp.mlp_func`` against the three-linear MLP through torch.compile.
 
-    python benchmarks/bench_quack_mlp.py [--tokens 16384] [--tuned]
+    python benchmarks/bench_quack_mlp.py [--tokens 16384] [--tuned] [--skip-mlp]
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(ap)
     ap.add_argument("--tuned", action="store_true", help="let QuACK autotune its tile configs (long compiles)")
+    ap.add_argument("--skip-mlp", action="store_true", help="time the two epilogue GEMMs only, not quack.mlp")
     args = ap.parse_args()
     try:
         import quack
@@ -91,6 +92,8 @@ def main() -> None:
     ours_ms = common.do_bench_ms(lambda: gemm_dgated(dy, w_down, preact, activation="swiglu", tuned=tuned), rep=200)
     report("dgated bwd: dh GEMM + silu backward", ref_ms, ours_ms, 2 * m * d * f, err, compile_s)
 
+    if args.skip_mlp:
+        return
     # the whole MLP, forward and backward
     xr = x.clone().requires_grad_(True)
     ws = [w.clone().requires_grad_(True) for w in (w_gate, w_up, w_down)]
