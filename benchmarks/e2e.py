@@ -61,10 +61,10 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
             "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat",
             "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat", "chronicals-autotune-gemm",
-            "chronicals-cce-lean")
+            "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
-VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
+VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
                 "chronicals-autotune": "max-autotune-no-cudagraphs"}
 #: Inductor config keys a chronicals variant passes through our options.
 VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
@@ -78,7 +78,9 @@ VARIANT_ENABLE = {
     "chronicals-lora-fused": ["lora_linear", "concat_linear"],
 }
 #: Patterns a chronicals variant turns off (a default measured against its absence).
-VARIANT_DISABLE = {"chronicals-noconcat": ["concat_linear"]}
+#: chronicals-no-epilogue: the MLP left to Inductor although QuACK is importable (mlp_epilogue
+#: applies by default where it is; without QuACK "chronicals" is this variant)
+VARIANT_DISABLE = {"chronicals-noconcat": ["concat_linear"], "chronicals-no-epilogue": ["mlp_epilogue"]}
 #: Environment of a variant's worker process, set before chronicals_compile is imported.
 VARIANT_ENV = {
     # cut cross-entropy with 4096-row gradient chunks and tile logits (kernel sweep: 26.4 vs 28.1 ms,

@@ -18,6 +18,8 @@
 #   e2e-llama=300   Llama-3.2-1B 8x2048 full FT
 #   e2e-ours=300    Qwen0.5B 8x2048 full FT: inductor beside chronicals, chronicals-all, -lean, -tuned, -bigchunk, -lowmem
 #   e2e-cce-lean=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-cce-lean (cce_mode="lean")
+#   e2e-epilogue=380  Qwen0.5B 8x2048 full FT: inductor, chronicals (mlp_epilogue on QuACK: carry .qk),
+#                   chronicals-no-epilogue ($E2E_EPILOGUE_VARIANTS overrides the list)
 #   e2e-all-lean=240  the same with every kernel on, and with memory_budget 0.5
 #   e2e-lora-bf16=480  LoRA r=32 with adapter weights in bf16 (peft's default is fp32): eager, inductor, liger, chronicals
 #                   ($E2E_LORA_VARIANTS overrides the list)
@@ -56,6 +58,10 @@ if [ -z "${CHRONICALS_SKIP_INSTALL:-}" ]; then  # gpu_lanes.sh installs once for
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "(editable install failed: backend by name unavailable)"
 fi
 export PYTHONPATH=$S:$PWD
+if [ -f .qk/quack.tar.xz ]; then  # QuACK for mlp_epilogue, carried as .qk (scripts/quack-wheels.sh)
+  mkdir -p /tmp/qsite && tar -C /tmp/qsite -xJf .qk/quack.tar.xz
+  export PYTHONPATH=/tmp/qsite/nvidia_cutlass_dsl/python_packages:/tmp/qsite:$PYTHONPATH
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 COMMIT="${CHRONICALS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
@@ -92,6 +98,8 @@ for stage in "${stages[@]}"; do
            --variants inductor,chronicals,chronicals-all,chronicals-lean,chronicals-tuned,chronicals-bigchunk,chronicals-lowmem 2>&1 | grep "^e2e:\|^|" ;;
     e2e-cce-lean) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_cce_lean \
            --variants inductor,chronicals,chronicals-cce-lean 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-epilogue) timeout "${secs:-380}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_epilogue \
+           --variants "${E2E_EPILOGUE_VARIANTS:-inductor,chronicals,chronicals-no-epilogue}" 2>&1 | grep "^e2e:\|^|" ;;
     e2e-all-lean) timeout "${secs:-240}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_all_lean \
            --variants chronicals-all,chronicals-lean 2>&1 | grep "^e2e:\|^|" ;;
     e2e-lora-bf16) timeout "${secs:-480}" $E2E --shapes qwen0.5b-8x2048 --modes lora --name e2e_lora_bf16 \

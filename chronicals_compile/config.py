@@ -13,7 +13,7 @@ PREFIX = "chronicals."
 
 #: Pattern names, as reported by ``explain`` and accepted by ``disable``.
 PATTERNS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask", "gqa_attention",
-            "gate_recompute", "concat_linear", "lora_linear")
+            "gate_recompute", "concat_linear", "lora_linear", "mlp_epilogue")
 
 LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 

@@ -1,0 +1,84 @@
+"""QuACK's GEMMs with a gated activation in the epilogue, behind the two calls our MLP op makes.
+
+Why QuACK and not a Triton kernel of ours: the SwiGLU elementwise passes of a training step
+(~8 ms of Qwen2.5-0.5B's 8 x 2048 step on an H200) vanish only into a GEMM epilogue running at
+cuBLAS speed; our Triton GEMMs with that epilogue lost 1.3-8 ms a step in every form (plain, TMA,
+persistent, warp-specialised), while QuACK's CuTe-DSL kernels (Tri Dao's, Hopper and Blackwell)
+win: forward 0.426 against cuBLAS + Inductor's 0.521 ms a layer, backward 0.354 against 0.435
+with the tile below (benchmarks/results/2026-12-03-h200-session11/call7, session12/call1).
+
+QuACK is an optional, CUDA-only dependency (``pip install chronicals-compile[quack]``: quack-kernels
+0.3.0, the release these calls are written against, on nvidia-cutlass-dsl 4.4.1). Where it is
+missing or the GPU is not sm90/sm100, ``unavailable_reason`` says why and the compiler leaves the
+MLP to Inductor. Configs are pinned rather than autotuned: QuACK's autotuner compiles every
+candidate (~150 s for each kernel on the H200) and, run in the step, would pick among configs
+within noise of these.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+#: The activations QuACK's gated epilogues compute, by our op's names (QuACK's "geglu" is the
+#: tanh approximation, as Gemma's ``gelu_pytorch_tanh``).
+ACTIVATIONS = ("swiglu", "geglu")
+
+#: Backward tile chosen by QuACK's autotuner at Qwen2.5-0.5B's MLP (16384 x 896 -> 4864) on the
+#: H200: 0.354 ms against its default config's 0.443 (session12/call1/quack_tuned.md). The forward
+#: keeps QuACK's default (128 x 192 ping-pong, cluster 2 x 1: 0.426 ms; the autotuner's pick
+#: measured 0.444 there).
+_BACKWARD_TILE = dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2, swap_ab=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_reason() -> str | None:
+    try:
+        import quack  # noqa: F401
+        from quack import gemm_interface  # noqa: F401 - needs a CUDA device at import
+    except Exception as err:  # noqa: BLE001 - any failure means: not usable here
+        return f"quack-kernels is not importable ({type(err).__name__}: {err}); pip install chronicals-compile[quack]"
+    return None
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the fused epilogue GEMMs can run on ``device`` in ``dtype``, else why not."""
+    if device.type != "cuda":
+        return f"QuACK's GEMMs run on CUDA only (the MLP is on {device.type})"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"QuACK's gated GEMMs take bf16 or fp16 inputs, not {dtype}"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return f"QuACK's GEMMs need an sm90 or sm100 GPU (this one is sm{major}x)"
+    return _import_reason()
+
+
+def _interface():
+    from quack.gemm_config import GemmConfig
+    from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned
+
+    return gemm_gated_tuned, gemm_dgated_tuned, GemmConfig
+
+
+def gated_forward(x2: Tensor, w_interleaved: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """``preact = x2 @ w_interleaved.T`` ([M, 2F], gate and up columns interleaved) and
+    ``postact = act(gate) * up`` ([M, F]) from one GEMM; both in ``x2``'s dtype."""
+    gemm_gated, _, _ = _interface()
+    m, f2 = x2.shape[0], w_interleaved.shape[0]
+    preact = torch.empty((m, f2), dtype=x2.dtype, device=x2.device)
+    postact = torch.empty((m, f2 // 2), dtype=x2.dtype, device=x2.device)
+    gemm_gated.fn(x2, w_interleaved.t(), preact, postact, activation=activation, config=None)
+    return preact, postact
+
+
+def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """``dpreact`` ([M, 2F], interleaved like ``preact``) of ``(dy2 @ w_down)`` through the gated
+    activation, and the recomputed ``postact`` ([M, F]) the down projection's weight gradient reads."""
+    _, gemm_dgated, config = _interface()
+    m, f = dy2.shape[0], w_down.shape[1]
+    dpreact = torch.empty((m, 2 * f), dtype=dy2.dtype, device=dy2.device)
+    postact = torch.empty((m, f), dtype=preact.dtype, device=dy2.device)
+    gemm_dgated.fn(dy2, w_down, preact, dpreact, postact, activation=activation, dynamic_scheduler=True,
+                   config=config(**_BACKWARD_TILE))
+    return dpreact, postact

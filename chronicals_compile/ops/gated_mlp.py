@@ -1,0 +1,162 @@
+"""``chronicals::gated_mlp``: a gated MLP ``down(act(gate(x)) * up(x))`` whose activation lives in
+GEMM epilogues, forward and backward.
+
+Why one op for the three linears: the activation's forward belongs to the gate/up GEMM's epilogue
+(it writes ``preact`` and ``h = act(g) * u`` while the accumulators are in registers), and its
+backward to the epilogue of the GEMM that makes ``dh = dy @ W_down`` (which reads ``preact`` there
+and writes ``d(preact)`` and the recomputed ``h`` for the down projection's weight gradient): the
+down projection's backward and the activation's are one kernel, so no op boundary can fall
+between them. What is saved for backward is ``x`` and ``preact`` (the gate and up outputs,
+which the unfused graph keeps too); ``h``, the largest activation of a layer, is recomputed by
+that epilogue, as ``gate_recompute`` does for the unfused graph.
+
+Layout: QuACK's epilogue takes gate and up columns interleaved (g0, u0, g1, u1, ...), so the op
+interleaves the two weights each call (a copy of 2 x F x d elements, ~17 MB a layer at
+Qwen2.5-0.5B: ~10 us) and de-interleaves their gradient; ``x @ W1.T`` with that weight is one
+GEMM, as are its input gradient ``d(preact) @ W1`` and weight gradient ``d(preact).T @ x``.
+
+CUDA with QuACK runs its kernels (``kernels.quack_gated_gemm``); everything else runs the same
+layout in torch ops, the specification the GPU path is tested against (and what CPU tests of the
+pass exercise). Gradients are computed only for the inputs that need them. A second derivative
+(``create_graph=True``) differentiates the unfused math in torch ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels import quack_gated_gemm
+from .swiglu import GELU_TANH, SILU, _act_and_grad
+
+_CODES = {"swiglu": SILU, "geglu": GELU_TANH}
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _interleave(w_gate: Tensor, w_up: Tensor) -> Tensor:
+    """[F, d] and [F, d] -> [2F, d] with rows g0, u0, g1, u1, ..."""
+    return torch.stack([w_gate, w_up], dim=1).reshape(2 * w_gate.shape[0], w_gate.shape[1])
+
+
+def _fast(x: Tensor, activation: str) -> bool:
+    return activation in quack_gated_gemm.ACTIVATIONS and \
+        quack_gated_gemm.unavailable_reason(x.device, x.dtype) is None
+
+
+def gated_mlp_reference(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, activation: str) -> Tensor:
+    """What the op equals: the three linears of a Hugging Face MLP, in torch ops."""
+    g, u = F.linear(x, w_gate), F.linear(x, w_up)
+    act = F.silu(g) if activation == "swiglu" else F.gelu(g, approximate="tanh")
+    return F.linear(act * u, w_down)
+
+
+def _check(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, activation: str) -> None:
+    if activation not in _CODES:
+        raise ValueError(f"chronicals::gated_mlp: activation must be one of {sorted(_CODES)}, got {activation!r}")
+    f, d = w_gate.shape
+    if w_up.shape != w_gate.shape or w_down.dim() != 2 or w_down.shape[1] != f or x.shape[-1] != d:
+        raise ValueError(f"chronicals::gated_mlp: shapes do not chain: x {tuple(x.shape)}, gate {tuple(w_gate.shape)}, "
+                         f"up {tuple(w_up.shape)}, down {tuple(w_down.shape)}")
+
+
+def _postact(preact: Tensor, activation: str) -> Tensor:
+    c = torch.promote_types(preact.dtype, torch.float32)
+    pairs = preact.unflatten(-1, (-1, 2)).to(c)
+    value, _ = _act_and_grad(pairs[..., 0], _CODES[activation])
+    return (value * pairs[..., 1]).to(preact.dtype)
+
+
+@torch.library.custom_op("chronicals::gated_mlp", mutates_args=())
+def gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """``(y, preact)``: the MLP's output and the interleaved gate/up outputs kept for backward."""
+    _check(x, w_gate, w_up, w_down, activation)
+    x2 = _rows(x).contiguous()
+    w1 = _interleave(w_gate, w_up)
+    if _fast(x2, activation):
+        preact, h = quack_gated_gemm.gated_forward(x2, w1, activation)
+    else:
+        preact = x2 @ w1.t()
+        h = _postact(preact, activation)
+    y = h @ w_down.t()
+    return y.reshape(*x.shape[:-1], w_down.shape[0]), preact
+
+
+@gated_mlp.register_fake
+def _(x, w_gate, w_up, w_down, activation):
+    rows = 1
+    for size in x.shape[:-1]:
+        rows = rows * size
+    y = x.new_empty((*x.shape[:-1], w_down.shape[0]))
+    return y, x.new_empty((rows, 2 * w_gate.shape[0]))
+
+
+def _dpreact_reference(dh: Tensor, preact: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    c = torch.promote_types(preact.dtype, torch.float32)
+    pairs = preact.unflatten(-1, (-1, 2)).to(c)
+    g, u = pairs[..., 0], pairs[..., 1]
+    value, slope = _act_and_grad(g, _CODES[activation])
+    dhc = dh.to(c)
+    dpre = torch.stack([dhc * u * slope, dhc * value], dim=-1).flatten(-2)
+    return dpre.to(preact.dtype), (value * u).to(preact.dtype)
+
+
+@torch.library.custom_op("chronicals::gated_mlp_backward", mutates_args=())
+def gated_mlp_backward(grad: Tensor, x: Tensor, preact: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+                       activation: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``needs``: (x, w_gate, w_up, w_down); a gradient not needed comes back empty."""
+    need_x, need_gate, need_up, need_down = needs
+    dy2, x2 = _rows(grad).contiguous(), _rows(x)
+    f = w_gate.shape[0]
+    if _fast(dy2, activation) and preact.is_contiguous():
+        dpre, h = quack_gated_gemm.gated_backward(dy2, w_down, preact, activation)
+    else:
+        dpre, h = _dpreact_reference(dy2 @ w_down, preact, activation)
+    dx, dwg, dwu, dwd = (grad.new_empty((0,)) for _ in range(4))  # distinct: outputs may not alias
+    if need_down:
+        dwd = dy2.t() @ h
+    del h
+    if need_x:
+        dx = (dpre @ _interleave(w_gate, w_up)).reshape(x.shape)
+    if need_gate or need_up:
+        dw1 = (dpre.t() @ x2).view(f, 2, -1)
+        if need_gate:
+            dwg = dw1[:, 0].contiguous()
+        if need_up:
+            dwu = dw1[:, 1].contiguous()
+    return dx, dwg, dwu, dwd
+
+
+@gated_mlp_backward.register_fake
+def _(grad, x, preact, w_gate, w_up, w_down, activation, needs):
+    need_x, need_gate, need_up, need_down = needs
+
+    def like(t, need):
+        return t.new_empty(t.shape) if need else grad.new_empty((0,))
+
+    return like(x, need_x), like(w_gate, need_gate), like(w_up, need_up), like(w_down, need_down)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w_gate, w_up, w_down, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x, w_gate, w_up, w_down, output[1])
+
+
+def _backward(ctx, grad_y: Tensor, grad_preact):
+    # preact is an output only so that autograd saves it; the pass never hands it to anything
+    x, w_gate, w_up, w_down, preact = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    if torch.is_grad_enabled():  # create_graph=True: the unfused math, differentiable as written
+        wanted = [t for t, n in zip((x, w_gate, w_up, w_down), needs) if n]
+        with torch.enable_grad():
+            y = gated_mlp_reference(x, w_gate, w_up, w_down, ctx.activation)
+            got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
+        return (*(next(got) if n else None for n in needs), None)
+    grads = gated_mlp_backward(grad_y, x, preact, w_gate, w_up, w_down, ctx.activation, needs)
+    return (*(g if n else None for g, n in zip(grads, needs)), None)
+
+
+gated_mlp.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,94 @@
+"""``chronicals::gated_mlp`` on QuACK's epilogue GEMMs against float64, output and every gradient,
+and a compiled bf16 model whose MLPs it runs against eager. Needs QuACK on the device: carry
+``.qk`` (scripts/quack-wheels.sh) and unpack it as benchmarks/gpu_session.sh does."""
+import copy
+
+import pytest
+import torch
+
+import chronicals_compile
+import chronicals_compile.ops  # noqa: F401
+from chronicals_compile.kernels import quack_gated_gemm
+from chronicals_compile.ops.gated_mlp import gated_mlp_reference
+from chronicals_compile.testing import random_batch, tiny_model
+from chronicals_compile.verify.tolerance import assert_all_ok, measure
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (tests/gpu)")
+
+
+def test_quack_runs_here():
+    """Not a skip: without QuACK the rest of this file would test the torch path only."""
+    assert quack_gated_gemm.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
+
+
+def _check(shape, f, dtype, activation, seed=0, transposed_x=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    *lead, d = shape
+    x = torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
+    if transposed_x:  # a non-contiguous input
+        x = torch.randn(*lead[:-1], d, lead[-1], device="cuda", dtype=dtype, generator=gen).transpose(-1, -2)
+    ws = [torch.randn(f, d, device="cuda", dtype=dtype, generator=gen) / d ** 0.5,
+          torch.randn(f, d, device="cuda", dtype=dtype, generator=gen) / d ** 0.5,
+          torch.randn(d, f, device="cuda", dtype=dtype, generator=gen) / f ** 0.5]
+    dy = torch.randn(*lead, d, device="cuda", dtype=dtype, generator=gen)
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (x, *ws)]
+        y = fn(*leaves)
+        grads = torch.autograd.grad(y, leaves, dy.to(cast))
+        return [y, *grads]
+
+    ours = run(lambda *a: torch.ops.chronicals.gated_mlp(*a, activation)[0], dtype)
+    same = run(lambda *a: gated_mlp_reference(*a, activation), dtype)
+    ref = run(lambda *a: gated_mlp_reference(*a, activation), torch.float64)
+    names = ("y", "dx", "dw_gate", "dw_up", "dw_down")
+    return [measure(n, o, s, r, dtype=dtype) for n, o, s, r in zip(names, ours, same, ref)]
+
+
+@pytest.mark.parametrize("activation", quack_gated_gemm.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,f", [((4096, 896), 4864), ((2, 999, 896), 4864), ((1, 64), 96), ((37, 128), 352),
+                                     ((3, 517, 1024), 2816)],
+                         ids=["qwen0.5b", "odd-rows-3d", "one-row", "ragged-tiles", "wide"])
+def test_matches_float64(shape, f, dtype, activation):
+    assert_all_ok(_check(shape, f, dtype, activation))
+
+
+def test_non_contiguous_input():
+    assert_all_ok(_check((2, 200, 256), 512, torch.bfloat16, "swiglu", transposed_x=True))
+
+
+def test_frozen_weights_get_no_gradient():
+    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ws = [torch.randn(256, 128, device="cuda", dtype=torch.bfloat16), torch.randn(256, 128, device="cuda", dtype=torch.bfloat16),
+          torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)]
+    y, _ = torch.ops.chronicals.gated_mlp(x, *ws, "swiglu")
+    y.sum().backward()
+    assert ws[0].grad is None and ws[1].grad is None
+    assert x.grad is not None and ws[2].grad is not None and x.grad.abs().sum() > 0
+
+
+def test_compiled_bf16_model_trains_like_eager():
+    """Loss and every gradient of the compiled bf16 model (QuACK MLPs, and the other passes)
+    against a float64 copy, within bf16 eager's own error of it plus the bf16 slack."""
+    base = tiny_model("qwen2", layers=2, hidden=256, heads=4, kv_heads=2, intermediate=704, vocab=512).cuda()
+    batch = {k: v.cuda() for k, v in random_batch(seq=128, vocab=512).items()}
+
+    def step(model, compiled):
+        model.zero_grad(set_to_none=True)
+        if compiled:
+            report = chronicals_compile.explain(model, **batch)
+            assert report.swaps.get("mlp_epilogue") == 2, str(report)
+            loss = report.output.loss
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad for _, p in sorted(model.named_parameters())]
+
+    ref = step(copy.deepcopy(base).double(), False)
+    same = step(copy.deepcopy(base).bfloat16(), False)
+    torch._dynamo.reset()
+    ours = step(copy.deepcopy(base).bfloat16(), True)
+    names = ["loss"] + [n for n, _ in sorted(base.named_parameters())]
+    assert any(g.abs().sum() > 0 for g in ours[1:])
+    assert_all_ok([measure(n, o, s, r, dtype=torch.bfloat16, slack_scale=2.0) for n, o, s, r in zip(names, ours, same, ref)])
