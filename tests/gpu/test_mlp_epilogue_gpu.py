@@ -9,7 +9,7 @@ import torch
 import chronicals_compile
 import chronicals_compile.ops  # noqa: F401
 from chronicals_compile.kernels import quack_gated_gemm
-from chronicals_compile.ops.gated_mlp import gated_mlp_reference
+from chronicals_compile.verify import gated_mlp as gated_mlp_case
 from chronicals_compile.testing import random_batch, tiny_model
 from chronicals_compile.verify.tolerance import assert_all_ok, measure
 
@@ -21,28 +21,8 @@ def test_quack_runs_here():
     assert quack_gated_gemm.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
 
 
-def _check(shape, f, dtype, activation, seed=0, transposed_x=False):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    *lead, d = shape
-    x = torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
-    if transposed_x:  # a non-contiguous input
-        x = torch.randn(*lead[:-1], d, lead[-1], device="cuda", dtype=dtype, generator=gen).transpose(-1, -2)
-    ws = [torch.randn(f, d, device="cuda", dtype=dtype, generator=gen) / d ** 0.5,
-          torch.randn(f, d, device="cuda", dtype=dtype, generator=gen) / d ** 0.5,
-          torch.randn(d, f, device="cuda", dtype=dtype, generator=gen) / f ** 0.5]
-    dy = torch.randn(*lead, d, device="cuda", dtype=dtype, generator=gen)
-
-    def run(fn, cast):
-        leaves = [t.detach().to(cast).requires_grad_() for t in (x, *ws)]
-        y = fn(*leaves)
-        grads = torch.autograd.grad(y, leaves, dy.to(cast))
-        return [y, *grads]
-
-    ours = run(lambda *a: torch.ops.chronicals.gated_mlp(*a, activation)[0], dtype)
-    same = run(lambda *a: gated_mlp_reference(*a, activation), dtype)
-    ref = run(lambda *a: gated_mlp_reference(*a, activation), torch.float64)
-    names = ("y", "dx", "dw_gate", "dw_up", "dw_down")
-    return [measure(n, o, s, r, dtype=dtype) for n, o, s, r in zip(names, ours, same, ref)]
+def _check(shape, f, dtype, activation, **kw):
+    return gated_mlp_case.check(shape, f, dtype, activation, device="cuda", **kw)
 
 
 @pytest.mark.parametrize("activation", quack_gated_gemm.ACTIVATIONS)

@@ -1,0 +1,43 @@
+"""``chronicals::gated_mlp``'s torch path (the layout QuACK's kernels compute, and their GPU
+tests' specification) against float64 on the output and every gradient; its autograd contract."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import chronicals_compile.ops  # noqa: F401
+from chronicals_compile.verify import gated_mlp as case
+from chronicals_compile.verify.tolerance import assert_all_ok
+
+
+@given(rows=st.integers(1, 40), d=st.sampled_from([8, 24, 64]), f=st.sampled_from([16, 40, 96]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       activation=st.sampled_from(["swiglu", "geglu"]), three_d=st.booleans(), seed=st.integers(0, 2**16))
+def test_matches_float64(rows, d, f, dtype, activation, three_d, seed):
+    shape = (2, rows, d) if three_d else (rows, d)
+    assert_all_ok(case.check(shape, f, dtype, activation, seed=seed))
+
+
+def test_qwen_width_and_non_contiguous_input():
+    assert_all_ok(case.check((7, 896), 4864 // 8, torch.bfloat16))
+    assert_all_ok(case.check((2, 9, 64), 96, torch.float32, transposed_x=True))
+
+
+def test_frozen_weights_and_double_backward():
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(24, 16, dtype=torch.float64) * 0.3, torch.randn(24, 16, dtype=torch.float64) * 0.3,
+          (torch.randn(16, 24, dtype=torch.float64) * 0.3).requires_grad_()]
+    y, _ = torch.ops.chronicals.gated_mlp(x, *ws, "swiglu")
+    y.sum().backward()
+    assert ws[0].grad is None and ws[1].grad is None and x.grad.abs().sum() > 0
+    ws = [w.detach().requires_grad_() for w in ws]
+    assert torch.autograd.gradgradcheck(lambda *a: torch.ops.chronicals.gated_mlp(*a, "geglu")[0], (x, *ws))
+
+
+def test_opcheck_and_clear_errors():
+    x, w = torch.randn(3, 8), torch.randn(16, 8)
+    torch.library.opcheck(torch.ops.chronicals.gated_mlp.default, (x, w, w, torch.randn(8, 16), "swiglu"))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        torch.ops.chronicals.gated_mlp(x, w, w, torch.randn(8, 16), "relu")
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        torch.ops.chronicals.gated_mlp(x, w, w, torch.randn(8, 12), "swiglu")
