@@ -1,7 +1,8 @@
 """``chronicals::gated_mlp`` against float64, output and every gradient: one case builder shared by
 the CPU suite (the op's torch path) and the GPU suite (QuACK's epilogue GEMMs).
 
-The weight gradients are sums over every token, which cancel: each gets the sum of its terms'
+Every output is a sum that cancels (over the intermediate width for y and dx, over every token
+for the weight gradients): each gets the sum of its terms'
 absolute values as the magnitude its slack scales with (the tolerance rule's ``magnitude``), as
 rounding one term moves the sum by that term's ulp, not the sum's.
 """
@@ -41,6 +42,8 @@ def check(shape: tuple[int, ...], f: int, dtype: torch.dtype, activation: str = 
     w64 = [w.double() for w in ws]
     dpre, h = _dpreact_reference(dy2 @ w64[2], x2 @ _interleave(w64[0], w64[1]).t(), activation)
     dg, du = dpre[:, 0::2], dpre[:, 1::2]
-    magnitudes = [None, None, dg.abs().t() @ x2.abs(), du.abs().t() @ x2.abs(), dy2.abs().t() @ h.abs()]
+    w1 = _interleave(w64[0], w64[1])
+    magnitudes = [(h.abs() @ w64[2].abs().t()).reshape(ref[0].shape), (dpre.abs() @ w1.abs()).reshape(ref[1].shape),
+                  dg.abs().t() @ x2.abs(), du.abs().t() @ x2.abs(), dy2.abs().t() @ h.abs()]
     return [measure(n, o, s, r, dtype=dtype, magnitude=m)
             for n, o, s, r, m in zip(NAMES, ours, same, ref, magnitudes)]
