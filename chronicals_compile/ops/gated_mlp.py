@@ -41,9 +41,21 @@ def _interleave(w_gate: Tensor, w_up: Tensor) -> Tensor:
     return torch.stack([w_gate, w_up], dim=1).reshape(2 * w_gate.shape[0], w_gate.shape[1])
 
 
-def _fast(x: Tensor, activation: str) -> bool:
-    return activation in quack_gated_gemm.ACTIVATIONS and \
-        quack_gated_gemm.unavailable_reason(x.device, x.dtype) is None
+def _fast(x2: Tensor, w_gate: Tensor, w_down: Tensor, activation: str) -> bool:
+    """QuACK's kernels take this call: CUDA sm90/sm100 with QuACK, bf16/fp16, one dtype, widths that
+    give 16-byte rows (TMA) and a contiguous down weight. The pass proves all of it; a direct call
+    that does not meet it gets the torch path."""
+    widths_ok = all(s % 8 == 0 for s in (*w_gate.shape, w_down.shape[0]))
+    return (activation in quack_gated_gemm.ACTIVATIONS and widths_ok and w_down.is_contiguous()
+            and x2.dtype == w_gate.dtype == w_down.dtype
+            and quack_gated_gemm.unavailable_reason(x2.device, x2.dtype) is None)
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """Contiguous rows at a 16-byte-aligned address, as TMA descriptors need (a view with an odd
+    storage offset is copied)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def gated_mlp_reference(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, activation: str) -> Tensor:
@@ -73,9 +85,10 @@ def _postact(preact: Tensor, activation: str) -> Tensor:
 def gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """``(y, preact)``: the MLP's output and the interleaved gate/up outputs kept for backward."""
     _check(x, w_gate, w_up, w_down, activation)
-    x2 = _rows(x).contiguous()
+    x2 = _rows(x)
     w1 = _interleave(w_gate, w_up)
-    if _fast(x2, activation):
+    if _fast(x2, w_gate, w_down, activation):
+        x2 = _aligned(x2)
         preact, h = quack_gated_gemm.gated_forward(x2, w1, activation)
     else:
         preact = x2 @ w1.t()
@@ -108,10 +121,10 @@ def gated_mlp_backward(grad: Tensor, x: Tensor, preact: Tensor, w_gate: Tensor, 
                        activation: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``needs``: (x, w_gate, w_up, w_down); a gradient not needed comes back empty."""
     need_x, need_gate, need_up, need_down = needs
-    dy2, x2 = _rows(grad).contiguous(), _rows(x)
+    dy2, x2 = _rows(grad), _rows(x)
     f = w_gate.shape[0]
-    if _fast(dy2, activation) and preact.is_contiguous():
-        dpre, h = quack_gated_gemm.gated_backward(dy2, w_down, preact, activation)
+    if _fast(dy2, w_gate, w_down, activation) and preact.dtype == dy2.dtype:
+        dpre, h = quack_gated_gemm.gated_backward(_aligned(dy2), w_down, _aligned(preact), activation)
     else:
         dpre, h = _dpreact_reference(dy2 @ w_down, preact, activation)
     dx, dwg, dwu, dwd = (grad.new_empty((0,)) for _ in range(4))  # distinct: outputs may not alias
