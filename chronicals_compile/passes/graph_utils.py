@@ -291,3 +291,20 @@ def replace_with_call(gm: fx.GraphModule, out: fx.Node, target, args: tuple,
     out.replace_all_uses_with(fused)
     erase_dead(gm, [out, *interior])
     return fused
+
+
+def replace_with_first_output(gm: fx.GraphModule, out: fx.Node, target, args: tuple,
+                              interior: Iterable[fx.Node] = ()) -> fx.Node:
+    """Insert ``target(*args)``, an op returning a tuple, before ``out``; reroute ``out``'s users
+    to its first output; drop the dead match. Returns the op's node."""
+    with gm.graph.inserting_before(out):
+        fused = gm.graph.call_function(target, args)
+        first = gm.graph.call_function(operator.getitem, (fused, 0))
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in out.meta:
+            fused.meta[key] = first.meta[key] = out.meta[key]
+    set_fake_value(gm, fused)
+    set_fake_value(gm, first)
+    out.replace_all_uses_with(first)
+    erase_dead(gm, [out, *interior])
+    return fused

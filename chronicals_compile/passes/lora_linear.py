@@ -21,14 +21,13 @@ On by default: the Qwen2.5-0.5B LoRA r=32 step on the H200 went from 117.1 to 11
 """
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .graph_utils import (NoMatch, any_between, arg, binary_operands, cast_target, dtype_of, erase_dead, is_noop_cast_of,
-                          is_regime_change, meta, mutates_between, op, plain_tensor, set_fake_value)
+from .graph_utils import (NoMatch, any_between, arg, binary_operands, cast_target, dtype_of, is_noop_cast_of,
+                          is_regime_change, meta, mutates_between, op, plain_tensor, replace_with_first_output)
 
 NAME = "lora_linear"
 #: Projections at least this many times wider out than in (an MLP's gate and up: 4864 / 896).
@@ -126,15 +125,5 @@ def match(node: fx.Node, ctx=None) -> dict:
 
 
 def rewrite(gm: fx.GraphModule, found: dict, ctx) -> fx.Node:
-    out, graph = found["out"], gm.graph
-    with graph.inserting_before(out):
-        fused = graph.call_function(torch.ops.chronicals.lora_linear.default, found["args"])
-        y = graph.call_function(operator.getitem, (fused, 0))
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in out.meta:
-            fused.meta[key] = y.meta[key] = out.meta[key]
-    set_fake_value(gm, fused)
-    set_fake_value(gm, y)
-    out.replace_all_uses_with(y)
-    erase_dead(gm, [out, *found["interior"]])
-    return fused
+    return replace_with_first_output(gm, found["out"], torch.ops.chronicals.lora_linear.default, found["args"],
+                                     found["interior"])

@@ -20,14 +20,12 @@ Runs before ``swiglu`` and ``gate_recompute``, which would otherwise take the ac
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
 from ..kernels import quack_gated_gemm
-from .graph_utils import (NoMatch, arg, erase_dead, is_noop_cast_of, is_regime_change, meta, op,
-                          other_operand, plain_tensor, set_fake_value)
+from .graph_utils import (NoMatch, any_between, arg, is_noop_cast_of, is_regime_change, meta, op, other_operand,
+                          plain_tensor, replace_with_first_output)
 from .swiglu import _is_silu_product
 
 NAME = "mlp_epilogue"
@@ -113,11 +111,8 @@ def match(node: fx.Node, ctx=None):
         raise NoMatch(f"widths {sizes} are not multiples of 8 (the epilogue GEMMs need 16-byte rows)")
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     first = min((gate, up, *interior), key=order.__getitem__)
-    probe = first
-    while probe is not node:
-        if is_regime_change(probe):
-            raise NoMatch("autocast or grad mode changes inside the MLP")
-        probe = probe.next
+    if any_between(first, node, is_regime_change):
+        raise NoMatch("autocast or grad mode changes inside the MLP")
     reason = fast_path_unavailable(xm.device, xm.dtype)
     if reason is not None:
         # said once per compile, and only on CUDA (on a CPU there is nothing to miss)
@@ -131,15 +126,5 @@ def match(node: fx.Node, ctx=None):
 
 def rewrite(gm: fx.GraphModule, found, ctx) -> fx.Node:
     down, x, w_gate, w_up, w_down, activation, interior = found
-    graph = gm.graph
-    with graph.inserting_before(down):
-        fused = graph.call_function(torch.ops.chronicals.gated_mlp.default, (x, w_gate, w_up, w_down, activation))
-        y = graph.call_function(operator.getitem, (fused, 0))
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in down.meta:
-            fused.meta[key] = y.meta[key] = down.meta[key]
-    set_fake_value(gm, fused)
-    set_fake_value(gm, y)
-    down.replace_all_uses_with(y)
-    erase_dead(gm, [down, *interior])
-    return fused
+    return replace_with_first_output(gm, down, torch.ops.chronicals.gated_mlp.default,
+                                     (x, w_gate, w_up, w_down, activation), interior)
