@@ -61,10 +61,13 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-chunk4096", "chronicals-chunk8192", "chronicals-rope", "chronicals-gqa",
             "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat",
             "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat", "chronicals-autotune-gemm",
-            "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs")
+            "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs",
+            "chronicals-concat-cudagraphs", "inductor-cudagraphs")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
-VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead", "chronicals-rope-cudagraphs": "reduce-overhead",
+VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
+                "chronicals-rope-cudagraphs": "reduce-overhead", "chronicals-concat-cudagraphs": "reduce-overhead",
+                "inductor-cudagraphs": "reduce-overhead",  # plain torch.compile's CUDA graphs: the fair reference
                 "chronicals-autotune": "max-autotune-no-cudagraphs"}
 #: Inductor config keys a chronicals variant passes through our options.
 VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
@@ -74,6 +77,7 @@ VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
 VARIANT_ENABLE = {
     "chronicals-rope": ["rope"], "chronicals-rope-cudagraphs": ["rope"], "chronicals-gqa": ["gqa_attention"],
     "chronicals-concat": ["concat_linear"],  # q/k/v and gate/up (and LoRA's lora_A) as one GEMM each
+    "chronicals-concat-cudagraphs": ["concat_linear"],
     "chronicals-lora-linear": ["lora_linear"],  # LoRA's wide projections: base and adapter in one GEMM
     "chronicals-lora-fused": ["lora_linear", "concat_linear"],
 }
@@ -185,8 +189,8 @@ def worker(spec: dict) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], fused=device.startswith("cuda") or None)
     loss_step = None
-    if variant in ("inductor", "liger-compiled"):
-        model.compile()
+    if variant in ("inductor", "liger-compiled", "inductor-cudagraphs"):
+        model.compile(mode=VARIANT_MODE.get(variant))
     elif variant.startswith("cce"):
         try:
             loss_step = _cce_loss_step(model, variant, device)
