@@ -90,6 +90,32 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def idle_by_neighbours(kernels: list[dict], steps: int, top: int = TOP) -> dict:
+    """GPU idle time between busy stretches, summed by the kernels on either side of each hole.
+
+    Why: ``gap`` says how long the GPU waits, not where; a hole after one kernel kind in every
+    layer (a host-side launch that costs more than the GPU work it follows) shows up here as one
+    pair with ~layers x steps holes. The profiler inflates host time, so read the pairs' shares,
+    not their absolute ms, against the unprofiled gap.
+    """
+    spans = sorted((k["ts"], k["ts"] + k["dur"], k["name"]) for k in kernels)
+    holes: dict[tuple[str, str], list] = {}
+    end, last = None, None
+    for s, e, name in spans:
+        if end is not None and s > end:
+            key = (last[:70], name[:70])
+            agg = holes.setdefault(key, [0.0, 0])
+            agg[0] += s - end
+            agg[1] += 1
+        if end is None or e > end:
+            end, last = e, name
+    total = sum(v[0] for v in holes.values())
+    # the per-step synchronize leaves one hole between steps: listed like any other pair
+    rows = [{"before": b, "after": a, "ms": us / 1e3 / steps, "holes": n / steps}
+            for (b, a), (us, n) in sorted(holes.items(), key=lambda kv: -kv[1][0])[:top]]
+    return {"idle_ms": total / 1e3 / steps, "holes": sum(v[1] for v in holes.values()) / steps, "pairs": rows}
+
+
 def _cpu_self_times(ops: list[dict]) -> list[dict]:
     """CPU ops nest (aten::linear -> aten::addmm); keep each op's own time so nothing counts twice."""
     out = []
@@ -200,6 +226,7 @@ def analyse_trace(trace: dict, steps: int, device: str) -> dict:
         "launch_api_ms": sum(float(e["dur"]) for e in launch) / 1e3 / steps if launch else None,
         "top": [{"name": n[:300], "category": c, "ms": ms, "calls": calls / steps} for n, (ms, calls, c) in top],
         "gemms": gemm_shapes(events, steps) if device.startswith("cuda") else [],
+        "idle": idle_by_neighbours(kernels, steps) if device.startswith("cuda") else None,
     }
 
 
@@ -245,21 +272,44 @@ def worker(spec: dict) -> dict:
         if on_gpu:
             torch.cuda.synchronize()
 
-    def step() -> float:
+    phases: list[dict] = []
+
+    def step(record: bool = False) -> float:
+        """One step; with ``record``, when the host returned from each phase and when the GPU
+        finished it (CUDA events), both from the step's start: a phase whose host return comes
+        after the GPU finished the previous one leaves the GPU waiting on Python/launches."""
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if record and on_gpu else None
         sync()
         t0 = time.perf_counter()
+        if events:
+            events[0].record()
+        host = []
         loss = model(input_ids=ids, labels=ids).loss
+        host.append(time.perf_counter())
+        if events:
+            events[1].record()
         loss.backward()
+        host.append(time.perf_counter())
+        if events:
+            events[2].record()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        host.append(time.perf_counter())
+        if events:
+            events[3].record()
         sync()
-        return (time.perf_counter() - t0) * 1e3
+        wall = (time.perf_counter() - t0) * 1e3
+        if events:
+            gpu = [events[0].elapsed_time(e) for e in events[1:]]
+            phases.append({name: {"host_return_ms": (h - t0) * 1e3, "gpu_done_ms": g}
+                           for name, h, g in zip(("forward", "backward", "optimizer"), host, gpu)})
+        return wall
 
     t0 = time.perf_counter()
     first = [step() for _ in range(spec["warmup"])]
     compile_s = time.perf_counter() - t0
-    wall = [step() for _ in range(spec["timed_steps"])]
+    wall = [step(record=True) for _ in range(spec["timed_steps"])]
     # CPU ops too on the GPU: the common, well-trodden configuration; kernel times are unaffected
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     profiled = []
@@ -287,7 +337,9 @@ def worker(spec: dict) -> dict:
                 "wall_ms": wall_ms,
                 "wall_profiled_ms": statistics.mean(profiled), "gap_ms": wall_ms - res["busy_ms"],
                 "gap_profiled_ms": statistics.mean(profiled) - res["busy_ms"],
-                "warmup_s": compile_s, "first_step_ms": first[0] if first else None})
+                "warmup_s": compile_s, "first_step_ms": first[0] if first else None,
+                "phases": {name: {key: statistics.median(p[name][key] for p in phases) for key in phases[0][name]}
+                           for name in phases[0]} if phases else None})
     if variant.startswith("chronicals"):
         from torch._dynamo.utils import counters
 
@@ -373,6 +425,19 @@ def render(results: list[dict]) -> list[tuple[str, str]]:
         rows = [{"kernel": t["name"][:110], "category": t["category"], "ms/step": t["ms"], "calls/step": t["calls"]}
                 for t in r["top"][:TOP]]
         sections.append((f"Top {TOP} kernels: {r['variant']}", markdown_table(rows)))
+    phase_rows = [{"variant": r["variant"], **{f"{name} {key.replace('_ms', '')} ms": v[key]
+                                               for name, v in r["phases"].items() for key in v}}
+                  for r in ok if r.get("phases")]
+    if phase_rows:
+        sections.append(("Host against GPU by phase (unprofiled steps, median, ms from the step's start: "
+                         "the host returned from the phase / the GPU finished it)", markdown_table(phase_rows)))
+    for r in ok:
+        if r.get("idle"):
+            rows = [{"kernel before": p["before"], "kernel after": p["after"], "idle ms/step": p["ms"],
+                     "holes/step": p["holes"]} for p in r["idle"]["pairs"]]
+            sections.append((f"GPU idle by neighbouring kernels: {r['variant']} (profiled: "
+                             f"{r['idle']['idle_ms']:.2f} ms in {r['idle']['holes']:.0f} holes a step)",
+                             markdown_table(rows)))
     for r in ok:
         if r.get("gemms"):
             rows = [{"op": g["op"], "input dims": json.dumps(g["dims"]), "ms/step": g["ms"], "calls/step": g["calls"],

@@ -66,6 +66,10 @@ def test_analyse_cuda_trace_busy_is_the_union_of_kernel_intervals():
     assert r["categories"]["loss"]["count"] == 0.5
     assert r["kernels_per_step"] == 2 and r["launch_calls_per_step"] == 1
     assert r["top"][0]["name"] in ("nvjet_tst_128x256", "triton_poi_fused_add_0")
+    # holes: 15 -> 30 after the kernel that ended last (the triton one), 34 -> 40
+    assert r["idle"]["idle_ms"] == pytest.approx((15 + 6) / 1e3 / 2) and r["idle"]["holes"] == 1
+    assert [(p["before"], p["after"]) for p in r["idle"]["pairs"]] == [
+        ("triton_poi_fused_add_0", "_cce_fwd_kernel"), ("_cce_fwd_kernel", "Memset (Device)")]
 
 
 def test_profile_step_tiny_cpu(tmp_path):
