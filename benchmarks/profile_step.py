@@ -138,6 +138,24 @@ def _cpu_self_times(ops: list[dict]) -> list[dict]:
     return out
 
 
+def host_ops(events: list[dict], steps: int, top: int = TOP) -> dict:
+    """Host time by CPU op and annotation (Inductor's ``## Call CompiledFxGraph ##``, Dynamo's cache
+    lookup, custom ops), inclusive and self, per step: which Python/C++ frames keep the host busy.
+    Profiled (the profiler's own cost is in it): compare rows, not against the unprofiled wall."""
+    ops = [{"name": e["name"], "ts": float(e["ts"]), "dur": float(e["dur"]), "pid": e.get("pid"),
+            "tid": e.get("tid")} for e in events if e.get("cat") in ("cpu_op", "user_annotation")]
+    agg: dict[str, list] = {}
+    for item in _cpu_self_times(ops):
+        row = agg.setdefault(item["name"][:90], [0.0, 0.0, 0])
+        row[0] += item["dur"]
+        row[1] += item["self"]
+        row[2] += 1
+    rows = [{"op": n, "calls": c / steps, "inclusive_ms": inc / 1e3 / steps, "self_ms": own / 1e3 / steps}
+            for n, (inc, own, c) in agg.items()]
+    return {"by_inclusive": sorted(rows, key=lambda r: -r["inclusive_ms"])[:top],
+            "by_self": sorted(rows, key=lambda r: -r["self_ms"])[:top]}
+
+
 #: GEMM ops whose kernels the shape table attributes. M, N, K (and a batch) come from the profiler's
 #: "Input Dims" (record_shapes): the first two matrices, after the added input of addmm/baddbmm
 #: (an ``out=`` tensor comes after them).
@@ -227,6 +245,7 @@ def analyse_trace(trace: dict, steps: int, device: str) -> dict:
         "top": [{"name": n[:300], "category": c, "ms": ms, "calls": calls / steps} for n, (ms, calls, c) in top],
         "gemms": gemm_shapes(events, steps) if device.startswith("cuda") else [],
         "idle": idle_by_neighbours(kernels, steps) if device.startswith("cuda") else None,
+        "host": host_ops(events, steps) if device.startswith("cuda") else None,
     }
 
 
@@ -438,6 +457,13 @@ def render(results: list[dict]) -> list[tuple[str, str]]:
             sections.append((f"GPU idle by neighbouring kernels: {r['variant']} (profiled: "
                              f"{r['idle']['idle_ms']:.2f} ms in {r['idle']['holes']:.0f} holes a step)",
                              markdown_table(rows)))
+    for r in ok:
+        for key, label in (("by_inclusive", "inclusive"), ("by_self", "self")):
+            if r.get("host"):
+                rows = [{"host op": h["op"], "calls/step": h["calls"], "inclusive ms": h["inclusive_ms"],
+                         "self ms": h["self_ms"]} for h in r["host"][key]]
+                sections.append((f"Host time by op, top by {label} time: {r['variant']} (profiled)",
+                                 markdown_table(rows)))
     for r in ok:
         if r.get("gemms"):
             rows = [{"op": g["op"], "input dims": json.dumps(g["dims"]), "ms/step": g["ms"], "calls/step": g["calls"],

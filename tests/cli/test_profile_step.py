@@ -70,6 +70,8 @@ def test_analyse_cuda_trace_busy_is_the_union_of_kernel_intervals():
     assert r["idle"]["idle_ms"] == pytest.approx((15 + 6) / 1e3 / 2) and r["idle"]["holes"] == 1
     assert [(p["before"], p["after"]) for p in r["idle"]["pairs"]] == [
         ("triton_poi_fused_add_0", "_cce_fwd_kernel"), ("_cce_fwd_kernel", "Memset (Device)")]
+    assert r["host"]["by_self"][0] == {"op": "aten::mm", "calls": 0.5, "inclusive_ms": 50 / 1e3 / 2,
+                                       "self_ms": 50 / 1e3 / 2}
 
 
 def test_profile_step_tiny_cpu(tmp_path):
