@@ -120,9 +120,11 @@ def _cos_strides(c: torch.Tensor, b: int, s: int, d: int) -> tuple[int, int, int
 
 
 def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                q_out: torch.Tensor, k_out: torch.Tensor, backward: bool, interleaved: bool = False) -> None:
+                q_out: torch.Tensor, k_out: torch.Tensor, backward: bool, interleaved: bool = False,
+                wrap: bool = False) -> None:
     """Rotate ``q`` into ``q_out`` and ``k`` into ``k_out`` (all ``[B, H, S, D]``, any strides).
-    ``interleaved``: pairs are (2j, 2j + 1) (GLM's rotate_half) instead of (j, j + D/2)."""
+    ``interleaved``: pairs are (2j, 2j + 1) (GLM's rotate_half) instead of (j, j + D/2).
+    ``wrap``: launched from a ``triton_op`` body (``wrap_triton``, so tracing sees the kernel)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] \
             or q.shape[3] % 2 or q_out.shape != q.shape or k_out.shape != k.shape:
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, S, D] with the "
@@ -137,7 +139,8 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     n_q_blocks = triton.cdiv(hq, block_hq)
     n_k_blocks = triton.cdiv(hk, block_hk)
     grid = (triton.cdiv(rows, block_r), n_q_blocks + n_k_blocks)
-    _rope_kernel[grid](
+    kernel = torch.library.wrap_triton(_rope_kernel) if wrap else _rope_kernel
+    kernel[grid](
         q, k, q_out, k_out, cos, sin,
         rows, seq, hq, hk, half, 2 if interleaved else 1, 1 if interleaved else half, n_q_blocks,
         *_strides4(q), *_strides4(k), *_strides4(q_out), *_strides4(k_out),
@@ -147,19 +150,19 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 
 
 def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 sin: torch.Tensor, interleaved: bool = False, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated ``(q, k)``; each output keeps its input's memory layout, in the promoted dtype."""
     q_out = torch.empty_like(q, dtype=torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype))
     k_out = torch.empty_like(k, dtype=torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype))
-    rope_launch(q, k, cos, sin, q_out, k_out, backward=False, interleaved=interleaved)
+    rope_launch(q, k, cos, sin, q_out, k_out, backward=False, interleaved=interleaved, wrap=wrap)
     return q_out, k_out
 
 
 def rope_backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   q_dtype: torch.dtype, k_dtype: torch.dtype,
-                  interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  interleaved: bool = False, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dq, dk)`` in q's and k's dtypes, laid out like the incoming gradients."""
     dq = torch.empty_like(dq_out, dtype=q_dtype)
     dk = torch.empty_like(dk_out, dtype=k_dtype)
-    rope_launch(dq_out, dk_out, cos, sin, dq, dk, backward=True, interleaved=interleaved)
+    rope_launch(dq_out, dk_out, cos, sin, dq, dk, backward=True, interleaved=interleaved, wrap=wrap)
     return dq, dk

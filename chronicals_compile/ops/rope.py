@@ -7,6 +7,11 @@ smaller), ``cos``/``sin`` broadcast to ``[B, 1, S, D]``. Each output equals tran
 once. Outputs keep their input's memory layout (``empty_like``), so the ``transpose`` views
 Dynamo records cost no copy on either side.
 
+Both are ``triton_op``s: under compile AOTAutograd traces the body, so Inductor launches the
+Triton kernel from its own wrapper; as opaque custom ops each call cost the host a trip through
+the dispatcher and Triton's Python launcher (the profiled H200 step showed the GPU waiting right
+after every layer's rope, results/2026-12-04-h200-session14/call2, call4).
+
 Backward is ``chronicals::rope_backward``, the inverse rotation of the incoming gradients; it
 saves only cos and sin. cos/sin are not differentiated: the pass refuses matches where they
 require grad, and the autograd formula raises rather than return a wrong (zero) gradient.
@@ -83,17 +88,13 @@ def _define(name: str, interleaved: bool):
     autograd: the plain rotation (pairs j, j + D/2) and GLM's interleaved one (pairs 2j, 2j + 1)
     are the same ops but for the pair addresses."""
 
-    @torch.library.custom_op(f"chronicals::{name}", mutates_args=())
+    @torch.library.triton_op(f"chronicals::{name}", mutates_args=())
     def forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        return rope_reference(q, k, cos, sin, interleaved)
-
-    @forward.register_kernel("cuda")
-    def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        if not _triton_ok(q, k, cos, sin):
+        if q.device.type != "cuda" or not _triton_ok(q, k, cos, sin):
             return rope_reference(q, k, cos, sin, interleaved)
         from ..kernels.rope import rope_forward
 
-        return rope_forward(q, k, cos, sin, interleaved=interleaved)
+        return rope_forward(q, k, cos, sin, interleaved=interleaved, wrap=True)
 
     @forward.register_fake
     def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,19 +102,15 @@ def _define(name: str, interleaved: bool):
         return (torch.empty_like(q, dtype=_out_dtype(q.dtype, cos.dtype, sin.dtype)),
                 torch.empty_like(k, dtype=_out_dtype(k.dtype, cos.dtype, sin.dtype)))
 
-    @torch.library.custom_op(f"chronicals::{name}_backward", mutates_args=())
+    @torch.library.triton_op(f"chronicals::{name}_backward", mutates_args=())
     def backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
                  q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved)
-
-    @backward.register_kernel("cuda")
-    def _(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
-          q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if not _triton_ok(dq_out, dk_out, cos, sin) or torch.float64 in (q_dtype, k_dtype):
+        if (dq_out.device.type != "cuda" or not _triton_ok(dq_out, dk_out, cos, sin)
+                or torch.float64 in (q_dtype, k_dtype)):
             return rope_backward_reference(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved)
         from ..kernels.rope import rope_backward as launch
 
-        return launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved=interleaved)
+        return launch(dq_out, dk_out, cos, sin, q_dtype, k_dtype, interleaved=interleaved, wrap=True)
 
     @backward.register_fake
     def _(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor,
