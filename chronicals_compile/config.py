@@ -34,9 +34,9 @@ CUDA_OFF_BY_DEFAULT = {
 OFF_BY_DEFAULT = {
     "add_rms_norm": "forward+backward 0.90-1.00x Inductor's own fusion of the residual add into its "
                     "norm on the H200 (benchmarks/results/2026-11-28-h200-session3/micro.md)",
-    "concat_linear": "neutral in the Qwen0.5B 8x2048 step on the H200: full fine-tuning 0.6% faster at "
-                     "0.75 GiB more peak memory (the saved v viewing the whole q/k/v buffer: copied "
-                     "since session 8, not yet re-measured), LoRA 0.7% slower "
+    "concat_linear": "slower in the Qwen0.5B 8x2048 step on the H200 since mlp_epilogue takes gate/up: "
+                     "full fine-tuning 2.9% slower with q/k/v fused (session 13, 1f124c8; neutral with "
+                     "CUDA graphs), LoRA 0.7% slower "
                      "(benchmarks/results/2026-12-02-h200-session7/call2/e2e_concat.md, call4/e2e_lora_bf16.md)",
 }
 
