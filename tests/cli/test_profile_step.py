@@ -118,3 +118,28 @@ def test_gemm_shapes_attribute_kernels_to_their_op_and_rate():
     assert by_op["aten::addmm"]["ms"] == pytest.approx(30 / 1e3)
     assert by_op["aten::mm"]["tflops"] == pytest.approx(2 * m * k * n / 20e-6 / 1e12)
     assert by_op["aten::addmm"]["calls"] == 1
+
+
+def test_gpu_only_idle_reads_kernels_and_renders_its_table():
+    """The CUDA-only pass: holes between kernels (CPU records, if any, ignored) and its own table."""
+    def ev(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [ev("CatArrayBatchedCopy", 0, 10), ev("quack_gemm", 25, 100),
+                             ev("aten::mm", 0, 200, "cpu_op"), ev("Memset (Device)", 130, 5, "gpu_memset")]}
+    idle = profile_step.gpu_only_idle(trace, steps=1, wall_ms=0.2)
+    assert idle["busy_ms"] == pytest.approx(115 / 1e3) and idle["wall_ms"] == 0.2
+    assert idle["idle_ms"] == pytest.approx(20 / 1e3) and idle["holes"] == 2
+    assert [(p["before"], p["after"], p["ms"]) for p in idle["pairs"]] == [
+        ("CatArrayBatchedCopy", "quack_gemm", pytest.approx(0.015)), ("quack_gemm", "Memset (Device)", pytest.approx(0.005))]
+    result = {"variant": "chronicals", "status": "ok", "categories": {c: {"ms": 1.0, "count": 1} for c in profile_step.CATEGORIES},
+              "kernel_ms": 1.0, "top": [], "idle_gpu_only": idle, "compiler": "inductor", "wall_ms": 0.2,
+              "wall_profiled_ms": 0.3, "busy_ms": 0.1, "gap_ms": 0.1, "gap_profiled_ms": 0.2,
+              "launch_calls_per_step": None, "kernels_per_step": 3, "warmup_s": 1.0}
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # render reads benchmarks/common.py
+    try:
+        sections = dict(profile_step.render([result]))
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    title = next(t for t in sections if t.startswith("GPU idle by neighbouring kernels, CUDA-only trace: chronicals"))
+    assert "| CatArrayBatchedCopy | quack_gemm |" in sections[title]
