@@ -400,7 +400,13 @@ def gpu_only_idle(trace: dict, steps: int, wall_ms: float) -> dict:
                for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e
                and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     busy = _union_us([(k["ts"], k["ts"] + k["dur"]) for k in kernels]) / 1e3 / steps
-    return {**idle_by_neighbours(kernels, steps), "wall_ms": wall_ms, "busy_ms": busy}
+    # a library launching on a stream of its own (not torch's current one) shows as a second stream
+    streams: dict[str, float] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            key = str((e.get("args") or {}).get("stream", e.get("tid")))
+            streams[key] = streams.get(key, 0) + 1 / steps
+    return {**idle_by_neighbours(kernels, steps), "wall_ms": wall_ms, "busy_ms": busy, "kernels_by_stream": streams}
 
 
 def worker_main(spec_json: str) -> int:
@@ -501,7 +507,8 @@ def render(results: list[dict]) -> list[tuple[str, str]]:
                      "holes/step": p["holes"]} for p in idle["pairs"]]
             sections.append((f"GPU idle by neighbouring kernels, CUDA-only trace: {r['variant']} "
                              f"(wall {idle['wall_ms']:.1f} ms, busy {idle['busy_ms']:.1f}: "
-                             f"{idle['idle_ms']:.2f} ms in {idle['holes']:.0f} holes a step)", markdown_table(rows)))
+                             f"{idle['idle_ms']:.2f} ms in {idle['holes']:.0f} holes a step; kernels a step by "
+                             f"stream: {json.dumps(idle.get('kernels_by_stream', {}))})", markdown_table(rows)))
     for r in ok:
         for key, label in (("by_inclusive", "inclusive"), ("by_self", "self")):
             if r.get("host"):
