@@ -325,32 +325,52 @@ def worker(spec: dict) -> dict:
                            for name, h, g in zip(("forward", "backward", "optimizer"), host, gpu)})
         return wall
 
+    from gpu_clocks import ClockSampler
+
+    # Why clocks per run: a power-capped chip clocks higher when a slowed (profiled) host leaves it
+    # idle, so a profiled trace's busy time can be shorter than the unprofiled step's kernels take.
+    def sampled(run):
+        sampler = ClockSampler(torch.cuda.current_device() if on_gpu else 0, period_ms=20)
+        sampler.start()
+        try:
+            return run()
+        finally:
+            sampler.stop()
+            clocks.append(sampler.summary())
+
+    clocks: list[dict] = []
     t0 = time.perf_counter()
     first = [step() for _ in range(spec["warmup"])]
     compile_s = time.perf_counter() - t0
-    wall = [step(record=True) for _ in range(spec["timed_steps"])]
+    wall = sampled(lambda: [step(record=True) for _ in range(spec["timed_steps"])])
     # CPU ops too on the GPU: the common, well-trodden configuration; kernel times are unaffected
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     profiled = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        # The trace is exported when the active window closes (after that the profiler clears it).
-        with profile(activities=activities, record_shapes=True,
-                     schedule=schedule(wait=0, warmup=1, active=spec["steps"], repeat=1),
-                     on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
-            for i in range(spec["steps"] + 1):
-                ms = step()
-                if i:
-                    profiled.append(ms)
-                prof.step()
-        with open(path) as f:
-            trace = json.load(f)
-        if spec.get("trace_dir"):
-            os.makedirs(spec["trace_dir"], exist_ok=True)
-            shutil.move(path, os.path.join(spec["trace_dir"], f"trace-{variant}.json"))
+
+    def profiled_run() -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            # The trace is exported when the active window closes (after that the profiler clears it).
+            with profile(activities=activities, record_shapes=True,
+                         schedule=schedule(wait=0, warmup=1, active=spec["steps"], repeat=1),
+                         on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
+                for i in range(spec["steps"] + 1):
+                    ms = step()
+                    if i:
+                        profiled.append(ms)
+                    prof.step()
+            with open(path) as f:
+                trace = json.load(f)
+            if spec.get("trace_dir"):
+                os.makedirs(spec["trace_dir"], exist_ok=True)
+                shutil.move(path, os.path.join(spec["trace_dir"], f"trace-{variant}.json"))
+        return trace
+
+    trace = sampled(profiled_run)
     res = analyse_trace(trace, spec["steps"], device)
     if on_gpu:
-        res["idle_gpu_only"] = _gpu_only_idle(step, spec["steps"])
+        res["idle_gpu_only"] = sampled(lambda: _gpu_only_idle(step, spec["steps"]))
+    res["clocks"] = dict(zip(("unprofiled", "profiled", "cuda_only"), clocks))
     if not res["kernels_per_step"]:
         raise RuntimeError("the profiler trace holds no kernel events (CUPTI unavailable?)")
     wall_ms = statistics.median(wall) if wall else statistics.median(profiled)
@@ -490,6 +510,12 @@ def render(results: list[dict]) -> list[tuple[str, str]]:
     phase_rows = [{"variant": r["variant"], **{f"{name} {key.replace('_ms', '')} ms": v[key]
                                                for name, v in r["phases"].items() for key in v}}
                   for r in ok if r.get("phases")]
+    clock_rows = [{"variant": r["variant"], "run": run, "SM MHz": round(c["sm_mhz"]), "W": round(c["power_w"]),
+                   "samples": c["clock_samples"]}
+                  for r in ok for run, c in (r.get("clocks") or {}).items() if c]
+    if clock_rows:
+        sections.append(("Clocks by run (nvidia-smi every 20 ms: the unprofiled timed steps, the full profile, "
+                         "the CUDA-only trace)", markdown_table(clock_rows)))
     if phase_rows:
         sections.append(("Host against GPU by phase (unprofiled steps, median, ms from the step's start: "
                          "the host returned from the phase / the GPU finished it)", markdown_table(phase_rows)))

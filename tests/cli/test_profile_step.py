@@ -135,7 +135,9 @@ def test_gpu_only_idle_reads_kernels_and_renders_its_table():
     result = {"variant": "chronicals", "status": "ok", "categories": {c: {"ms": 1.0, "count": 1} for c in profile_step.CATEGORIES},
               "kernel_ms": 1.0, "top": [], "idle_gpu_only": idle, "compiler": "inductor", "wall_ms": 0.2,
               "wall_profiled_ms": 0.3, "busy_ms": 0.1, "gap_ms": 0.1, "gap_profiled_ms": 0.2,
-              "launch_calls_per_step": None, "kernels_per_step": 3, "warmup_s": 1.0}
+              "launch_calls_per_step": None, "kernels_per_step": 3, "warmup_s": 1.0,
+              "clocks": {"unprofiled": {"sm_mhz": 1675.4, "power_w": 568.2, "clock_samples": 30},
+                         "profiled": {"sm_mhz": 1980.0, "power_w": 400.0, "clock_samples": 40}, "cuda_only": {}}}
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # render reads benchmarks/common.py
     try:
         sections = dict(profile_step.render([result]))
@@ -143,3 +145,6 @@ def test_gpu_only_idle_reads_kernels_and_renders_its_table():
         sys.path.remove(os.path.join(REPO, "benchmarks"))
     title = next(t for t in sections if t.startswith("GPU idle by neighbouring kernels, CUDA-only trace: chronicals"))
     assert "| CatArrayBatchedCopy | quack_gemm |" in sections[title]
+    clocks = sections[next(t for t in sections if t.startswith("Clocks by run"))]
+    assert "| chronicals | unprofiled | 1675 | 568 | 30 |" in clocks and "| profiled | 1980 |" in clocks
+    assert "cuda_only" not in clocks  # a run without samples (no nvidia-smi) gives no row
