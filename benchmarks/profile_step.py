@@ -253,7 +253,7 @@ def analyse_trace(trace: dict, steps: int, device: str) -> dict:
 
 def worker(spec: dict) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity
 
     from chronicals_compile.cli import presets
 
@@ -329,48 +329,29 @@ def worker(spec: dict) -> dict:
 
     # Why clocks per run: a power-capped chip clocks higher when a slowed (profiled) host leaves it
     # idle, so a profiled trace's busy time can be shorter than the unprofiled step's kernels take.
-    def sampled(run):
+    def sampled(name: str, run):
         sampler = ClockSampler(torch.cuda.current_device() if on_gpu else 0, period_ms=20)
         sampler.start()
         try:
             return run()
         finally:
             sampler.stop()
-            clocks.append(sampler.summary())
+            clocks[name] = sampler.summary()
 
-    clocks: list[dict] = []
+    clocks: dict[str, dict] = {}
     t0 = time.perf_counter()
     first = [step() for _ in range(spec["warmup"])]
     compile_s = time.perf_counter() - t0
-    wall = sampled(lambda: [step(record=True) for _ in range(spec["timed_steps"])])
+    wall = sampled("unprofiled", lambda: [step(record=True) for _ in range(spec["timed_steps"])])
     # CPU ops too on the GPU: the common, well-trodden configuration; kernel times are unaffected
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
-    profiled = []
-
-    def profiled_run() -> dict:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "trace.json")
-            # The trace is exported when the active window closes (after that the profiler clears it).
-            with profile(activities=activities, record_shapes=True,
-                         schedule=schedule(wait=0, warmup=1, active=spec["steps"], repeat=1),
-                         on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
-                for i in range(spec["steps"] + 1):
-                    ms = step()
-                    if i:
-                        profiled.append(ms)
-                    prof.step()
-            with open(path) as f:
-                trace = json.load(f)
-            if spec.get("trace_dir"):
-                os.makedirs(spec["trace_dir"], exist_ok=True)
-                shutil.move(path, os.path.join(spec["trace_dir"], f"trace-{variant}.json"))
-        return trace
-
-    trace = sampled(profiled_run)
+    keep_as = os.path.join(spec["trace_dir"], f"trace-{variant}.json") if spec.get("trace_dir") else None
+    trace, profiled = sampled("profiled", lambda: _traced_steps(step, spec["steps"], activities,
+                                                               record_shapes=True, keep_as=keep_as))
     res = analyse_trace(trace, spec["steps"], device)
     if on_gpu:
-        res["idle_gpu_only"] = sampled(lambda: _gpu_only_idle(step, spec["steps"]))
-    res["clocks"] = dict(zip(("unprofiled", "profiled", "cuda_only"), clocks))
+        res["idle_gpu_only"] = sampled("cuda_only", lambda: _gpu_only_idle(step, spec["steps"]))
+    res["clocks"] = clocks
     if not res["kernels_per_step"]:
         raise RuntimeError("the profiler trace holds no kernel events (CUPTI unavailable?)")
     wall_ms = statistics.median(wall) if wall else statistics.median(profiled)
@@ -388,20 +369,17 @@ def worker(spec: dict) -> dict:
     return res
 
 
-def _gpu_only_idle(step, steps: int) -> dict:
-    """Idle by neighbouring kernels from a trace of CUDA activity alone.
-
-    Why: recording every CPU op slows the host several-fold (the profiled gap is 2-3x the real
-    one), so the full trace's holes show where a slowed host falls behind, not where the real
-    step waits. Kernel records alone cost the host little, so these holes are close to the
-    unprofiled step's.
-    """
-    from torch.profiler import ProfilerActivity, profile, schedule
+def _traced_steps(step, steps: int, activities, record_shapes: bool = False,
+                  keep_as: str | None = None) -> tuple[dict, list[float]]:
+    """The Chrome trace of ``steps`` steps after one warm-up step, and each traced step's wall ms;
+    ``keep_as``: where the trace file is kept."""
+    from torch.profiler import profile, schedule
 
     walls = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
-        with profile(activities=[ProfilerActivity.CUDA],
+        # The trace is exported when the active window closes (after that the profiler clears it).
+        with profile(activities=activities, record_shapes=record_shapes,
                      schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
                      on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
             for i in range(steps + 1):
@@ -411,6 +389,23 @@ def _gpu_only_idle(step, steps: int) -> dict:
                 prof.step()
         with open(path) as f:
             trace = json.load(f)
+        if keep_as:
+            os.makedirs(os.path.dirname(keep_as), exist_ok=True)
+            shutil.move(path, keep_as)
+    return trace, walls
+
+
+def _gpu_only_idle(step, steps: int) -> dict:
+    """Idle by neighbouring kernels from a trace of CUDA activity alone.
+
+    Why: recording every CPU op slows the host several-fold (the profiled gap is 2-3x the real
+    one), so the full trace's holes show where a slowed host falls behind, not where the real
+    step waits. Kernel records alone cost the host little, so these holes are close to the
+    unprofiled step's.
+    """
+    from torch.profiler import ProfilerActivity
+
+    trace, walls = _traced_steps(step, steps, [ProfilerActivity.CUDA])
     return gpu_only_idle(trace, steps, statistics.mean(walls))
 
 
