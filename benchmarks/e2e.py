@@ -62,11 +62,12 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-cudagraphs", "chronicals-rope-cudagraphs", "chronicals-autotune", "chronicals-concat",
             "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat", "chronicals-autotune-gemm",
             "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs",
-            "chronicals-concat-cudagraphs", "inductor-cudagraphs")
+            "chronicals-concat-cudagraphs", "inductor-cudagraphs", "chronicals-fa4", "chronicals-fa4-cudagraphs")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
                 "chronicals-rope-cudagraphs": "reduce-overhead", "chronicals-concat-cudagraphs": "reduce-overhead",
+                "chronicals-fa4-cudagraphs": "reduce-overhead",
                 "inductor-cudagraphs": "reduce-overhead",  # plain torch.compile's CUDA graphs: the fair reference
                 "chronicals-autotune": "max-autotune-no-cudagraphs"}
 #: Inductor config keys a chronicals variant passes through our options.
@@ -80,6 +81,8 @@ VARIANT_ENABLE = {
     "chronicals-concat-cudagraphs": ["concat_linear"],
     "chronicals-lora-linear": ["lora_linear"],  # LoRA's wide projections: base and adapter in one GEMM
     "chronicals-lora-fused": ["lora_linear", "concat_linear"],
+    "chronicals-fa4": ["flash_attention"],  # flash-attn-4's kernels instead of cuDNN's SDPA
+    "chronicals-fa4-cudagraphs": ["flash_attention"],
 }
 #: Patterns a chronicals variant turns off (a default measured against its absence).
 #: chronicals-no-epilogue: the MLP left to Inductor although QuACK is importable (mlp_epilogue

@@ -13,7 +13,7 @@ PREFIX = "chronicals."
 
 #: Pattern names, as reported by ``explain`` and accepted by ``disable``.
 PATTERNS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask", "gqa_attention",
-            "gate_recompute", "concat_linear", "lora_linear", "mlp_epilogue")
+            "gate_recompute", "concat_linear", "lora_linear", "mlp_epilogue", "flash_attention")
 
 LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 
@@ -25,6 +25,8 @@ LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 CUDA_OFF_BY_DEFAULT = {
     "rms_norm": "forward+backward 0.88-1.09x Inductor's fusion of the same function on the H200, "
                 "0.88x at Qwen2.5-0.5B's width 896 (benchmarks/results/2026-11-28-h200-session3/micro.md)",
+    "flash_attention": "not yet measured in the whole step on the H200 (benchmarks/bench_attention.py "
+                       "compares the kernels alone)",
     "swiglu": "at parity with Inductor (1.00x, both at copy bandwidth) on the H200: nothing to win "
               "(benchmarks/results/2026-11-28-h200-session2/micro.md)",
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 for _name in ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "lora_linear",
-              "gated_mlp"):
+              "gated_mlp", "flash_attention"):
     try:
         importlib.import_module(f"{__name__}.{_name}")
     except ModuleNotFoundError as _err:
