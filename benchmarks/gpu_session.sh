@@ -116,7 +116,7 @@ for stage in "${stages[@]}"; do
            | grep -v Warning | tee "$OUT/lce_chunks.md" | tail -12 ;;
     quack-launch) timeout "${secs:-120}" python3 benchmarks/bench_quack_launch.py 2>&1 | grep -v Warning \
            | tee "$OUT/quack_launch.md" | tail -8 ;;
-    attention) timeout "${secs:-90}" python3 benchmarks/bench_attention.py 2>&1 | grep -v Warning \
+    attention) timeout "${secs:-90}" python3 benchmarks/bench_attention.py ${ATTENTION_ARGS:-} 2>&1 | grep -v Warning \
            | tee "$OUT/attention.md" | grep "^|" ;;
     e2e-gqa) timeout "${secs:-200}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_gqa \
            --variants inductor,chronicals,chronicals-gqa,chronicals-rope 2>&1 | grep "^e2e:\|^|" ;;
