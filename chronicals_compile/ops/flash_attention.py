@@ -11,8 +11,6 @@ A second derivative (``create_graph=True``) differentiates the same math in plai
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -130,7 +128,3 @@ def _backward(ctx, grad_out: Tensor, grad_lse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
