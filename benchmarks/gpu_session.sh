@@ -28,7 +28,8 @@
 #   lce-chunks=150  cut cross-entropy chunk sizes (memory against speed), both logits modes
 #   attention=90    grouped-query attention fwd+bwd: expanded k/v vs enable_gqa, per SDPA backend, and
 #                   flash-attn-4's CuTe-DSL kernels (carried in .qk); errors against float32 math
-#   quack-launch=120  idle time before QuACK's GEMMs: after the interleave, back to back, after a small kernel
+#   quack-launch=120  idle time before QuACK's GEMMs: after the interleave, back to back, after a small kernel,
+#                   and the forward under other pinned configs (idle + kernel time)
 #   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
 #   e2e-levers=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-cudagraphs (reduce-overhead)
 #   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
@@ -115,7 +116,7 @@ for stage in "${stages[@]}"; do
     lce-chunks) timeout "${secs:-150}" python3 benchmarks/bench_linear_cross_entropy.py --sweep --chunk-rows 1024 2048 4096 8192 16384 2>&1 \
            | grep -v Warning | tee "$OUT/lce_chunks.md" | tail -12 ;;
     quack-launch) timeout "${secs:-120}" python3 benchmarks/bench_quack_launch.py 2>&1 | grep -v Warning \
-           | tee "$OUT/quack_launch.md" | tail -8 ;;
+           | tee "$OUT/quack_launch.md" | tail -12 ;;
     attention) timeout "${secs:-90}" python3 benchmarks/bench_attention.py ${ATTENTION_ARGS:-} 2>&1 | grep -v Warning \
            | tee "$OUT/attention.md" | grep "^|" ;;
     e2e-gqa) timeout "${secs:-200}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_gqa \
