@@ -25,8 +25,9 @@ LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 CUDA_OFF_BY_DEFAULT = {
     "rms_norm": "forward+backward 0.88-1.09x Inductor's fusion of the same function on the H200, "
                 "0.88x at Qwen2.5-0.5B's width 896 (benchmarks/results/2026-11-28-h200-session3/micro.md)",
-    "flash_attention": "not yet measured in the whole step on the H200 (benchmarks/bench_attention.py "
-                       "compares the kernels alone)",
+    "flash_attention": "flash-attn-4 4.0.0b4's Hopper kernels lose to cuDNN alone (0.867 against 0.707 ms "
+                       "fwd+bwd a Qwen2.5-0.5B layer) and are within the spread in the step (+0.7%, -1.6%) "
+                       "on an H100 (benchmarks/results/2026-12-06-h100-session18)",
     "swiglu": "at parity with Inductor (1.00x, both at copy bandwidth) on the H200: nothing to win "
               "(benchmarks/results/2026-11-28-h200-session2/micro.md)",
 }
