@@ -453,30 +453,70 @@ def launch_rows(z: torch.Tensor, target: torch.Tensor, row_w: torch.Tensor, tile
 #: (8192, 2304, 256000), forward + backward, same memory.
 FUSED_LOGITS = os.environ.get("CHRONICALS_CCE_LOGITS", "matmul")
 
+#: The row kernel after a ``matmul`` chunk: ``triton`` (``_ce_rows_kernel``: two reads and a write
+#: of the chunk) or ``quack`` (QuACK's, ``kernels.quack_cross_entropy``: the row held in a CTA
+#: cluster's shared memory, one read and a write; plain logits, bf16/fp16, sm90/sm100 with QuACK;
+#: elsewhere ``triton``).
+FUSED_ROWS = os.environ.get("CHRONICALS_CCE_ROWS", "triton")
+
+
+def _grad_scale(valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """What turns gradients of the summed row losses into the loss's: 1 / valid rows for a mean
+    (0 when none is valid: zero gradients, as torch gives), 1 for a sum. 0-dim fp32."""
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=valid.device)
+    count = valid.sum()
+    return torch.where(count > 0, 1.0 / count.clamp(min=1).float(), 0.0)
+
+
+def _quack_rows(z_dtype: torch.dtype, device: torch.device, logits: str, rows: str, plain: bool) -> bool:
+    if logits != "matmul" or rows != "quack" or not plain:
+        return False
+    from . import quack_cross_entropy
+
+    return quack_cross_entropy.unavailable_reason(device, z_dtype) is None
+
 
 def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
           label_smoothing: float = 0.0, softcap: float = 0.0, scale: float = 1.0,
           need_dh: bool = True, need_dw: bool = True,
           tiles: Tiles | None = None, logits: str | None = None,
-          keep_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          keep_fp32: bool = False, defer_weight: bool = False, rows: str | None = None):
     """Loss plus dh and dW for an incoming gradient of 1, the logits computed once per chunk.
     ``keep_fp32``: dh and dW come back as their fp32 accumulators, not rounded to the input dtype:
     the backward scales them by the incoming gradient and rounds once (no second rounding, and no
-    fp32 -> bf16 pass over V x d in the forward)."""
+    fp32 -> bf16 pass over V x d in the forward). ``defer_weight`` (with ``keep_fp32``): dh and dW
+    are those of the loss summed over rows, and a fourth result, a 0-dim fp32 ``grad_scale``
+    (1 / valid rows for a mean, else 1; 0 when no row is valid), turns them into the loss's: the
+    backward multiplies it in with the incoming gradient, so no row weight is applied per logit
+    (QuACK's row kernel applies none). ``rows``: the row kernel (``FUSED_ROWS`` by default)."""
     _check(h, w, target)
     tiles = tiles or default_tiles(h.dtype, h.device)
     logits = logits or FUSED_LOGITS
+    rows = rows or FUSED_ROWS
     if logits not in ("tiles", "matmul"):
         raise ValueError(f"logits must be 'tiles' or 'matmul', got {logits!r}")
+    if rows not in ("triton", "quack"):
+        raise ValueError(f"rows must be 'triton' or 'quack', got {rows!r}")
+    if defer_weight and not keep_fp32:
+        raise ValueError("defer_weight needs keep_fp32 (the weight is applied to the fp32 accumulators)")
+    valid = target != ignore_index
     if not (need_dh or need_dw):
         loss, _ = forward(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale, tiles)
-        return loss, h.new_empty((0,)), w.new_empty((0,))
+        out = (loss, h.new_empty((0,)), w.new_empty((0,)))
+        return (*out, _grad_scale(valid, reduction)) if defer_weight else out
     h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
     n, v = h.shape[0], w.shape[0]
     smooth = label_smoothing != 0.0
-    valid = target != ignore_index
-    row_w = _row_weights(torch.ones((), device=h.device), target, ignore_index, reduction, valid)
+    quack = _quack_rows(h.dtype, h.device, logits, rows, not smooth and softcap == 0.0 and scale == 1.0)
+    unweighted = defer_weight or quack
+    row_w = _row_weights(torch.ones((), device=h.device), target, ignore_index,
+                         "sum" if unweighted else reduction, valid)
     row_loss = torch.zeros((n,), dtype=torch.float32, device=h.device)
+    if quack:
+        from . import quack_cross_entropy
+
+        quack_target = quack_cross_entropy.safe_targets(target, v, ignore_index)
 
     def fill(r0, r1, g):
         hc, tc = h[r0:r1], target[r0:r1]
@@ -484,6 +524,10 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
             lse, zt, sumz = _launch_stats(hc, w, tc, softcap, scale, smooth, tiles, z_out=g)
             _grad_tiles(hc, w, tc, lse, row_w[r0:r1], g, label_smoothing=label_smoothing, softcap=softcap,
                         scale=scale, tiles=tiles, recompute=False)
+        elif quack:
+            _mm_out(hc, w.t(), g)
+            quack_cross_entropy.rows_in_place(g, quack_target[r0:r1], ignore_index, row_loss[r0:r1])
+            return
         else:
             _mm_out(hc, w.t(), g)
             lse, zt, sumz = launch_rows(g, tc, row_w[r0:r1], tiles, scale=scale, softcap=softcap,
@@ -491,8 +535,23 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
             sumz = sumz if smooth else None
         row_loss[r0:r1] = _row_losses(lse, zt, sumz, tc, v, ignore_index, label_smoothing)[0]
 
-    dh, dw = _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles, keep_fp32=keep_fp32)
-    return _reduce(row_loss, valid, reduction), dh, dw
+    dh, dw = _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles,
+                        keep_fp32=keep_fp32 or unweighted)
+    if quack:  # a target out of range that is not ignored: NaN, as _row_losses gives
+        in_range = (target >= 0) & (target < v)
+        row_loss = torch.where(in_range | ~valid, row_loss, math.nan)
+    loss = _reduce(row_loss, valid, reduction)
+    if not unweighted:
+        return loss, dh, dw
+    grad_scale = _grad_scale(valid, reduction)
+    if defer_weight:
+        return loss, dh, dw, grad_scale
+    # QuACK's G carried no row weight: apply it to the fp32 accumulators, then round once
+    if need_dh:
+        dh = dh * grad_scale if keep_fp32 else (dh * grad_scale).to(h.dtype)
+    if need_dw:
+        dw = dw * grad_scale if keep_fp32 else (dw * grad_scale).to(w.dtype)
+    return loss, dh, dw
 
 
 def scale(x: torch.Tensor, g: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -20,10 +20,11 @@ Three ops:
     ``layout`` (both ops; the forward hands it to its backward) picks how CUDA walks the gradient:
     ``""`` the launchers' default, ``rows``, ``vocab`` or ``lean`` (the least memory: see
     ``kernels.linear_cross_entropy.BACKWARD_LAYOUT``).
-``linear_cross_entropy_fused(h, weight, target, ..., need_dh, need_dw) -> (loss, dh, dw)``
-    Computes the gradients of the loss during the forward (the logits are computed once);
-    differentiable in ``loss``, whose backward only scales dh and dw by the incoming gradient.
-    dh and dw are the fp32 accumulators (fp64 for fp64 inputs): rounded once, after the scaling.
+``linear_cross_entropy_fused(h, weight, target, ..., need_dh, need_dw) -> (loss, dh, dw, grad_scale)``
+    Computes the gradients during the forward (the logits are computed once); differentiable in
+    ``loss``, whose backward only scales dh and dw by the incoming gradient times ``grad_scale``.
+    dh and dw are the fp32 accumulators (fp64 for fp64 inputs) of the row losses' sum, rounded
+    once, after the scaling; ``grad_scale`` is 1 / valid rows for a mean (0 if none), 1 for a sum.
 
 CUDA runs the Triton launchers of ``kernels.linear_cross_entropy``; other devices run the chunked
 torch reference below (row chunks of at most ``_CPU_CHUNK_ELEMENTS`` logits, so CPU evaluation is
@@ -245,14 +246,26 @@ linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("chronicals::linear_cross_entropy_fused", mutates_args=())
 def linear_cross_entropy_fused(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                                reduction: str, label_smoothing: float, softcap: float, scale: float,
-                               need_dh: bool, need_dw: bool, chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """dh and dW come back in the accumulation dtype (fp32 for half inputs, as the loss): the
-    backward scales them by the incoming gradient and rounds once, to the inputs' dtypes."""
+                               need_dh: bool, need_dw: bool,
+                               chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, dh, dw, grad_scale)``: dh and dW are the gradients of the row losses' *sum*, in the
+    accumulation dtype (fp32 for half inputs, as the loss); ``grad_scale`` (0-dim, that dtype) is
+    what turns them into the loss's (1 / valid rows for a mean, 1 for a sum, 0 when no row is
+    valid). The backward multiplies both into dh and dW with the incoming gradient and rounds once,
+    to the inputs' dtypes: no row weight has to be applied per logit in the forward."""
     _check_args(h, weight, target, reduction)
     loss, lse = reference_forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
-    dh, dw = reference_backward(torch.ones((), dtype=loss.dtype), h, weight, target, lse, ignore_index,
-                                reduction, label_smoothing, softcap, scale, need_dh, need_dw, acc_outputs=True)
-    return loss.to(_lse_dtype(h)), dh, dw
+    acc = _acc_dtype(h)
+    dh, dw = reference_backward(torch.ones((), dtype=acc), h, weight, target, lse, ignore_index,
+                                "sum", label_smoothing, softcap, scale, need_dh, need_dw, acc_outputs=True)
+    return loss.to(_lse_dtype(h)), dh, dw, _grad_scale(target, ignore_index, reduction, acc)
+
+
+def _grad_scale(target: Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> Tensor:
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=target.device)
+    count = (target != ignore_index).sum()
+    return torch.where(count > 0, 1.0 / count.clamp(min=1).to(dtype), 0.0).to(dtype)
 
 
 @linear_cross_entropy_fused.register_kernel("cuda")
@@ -261,10 +274,11 @@ def _linear_cross_entropy_fused_cuda(h, weight, target, ignore_index, reduction,
     from ..kernels import linear_cross_entropy as k
 
     _check_args(h, weight, target, reduction)
-    loss, dh, dw = k.fused(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale,
-                           need_dh, need_dw, tiles=_tiles(h, chunk_rows), keep_fp32=True)
+    loss, dh, dw, grad_scale = k.fused(h, weight, target, ignore_index, reduction, label_smoothing, softcap,
+                                       scale, need_dh, need_dw, tiles=_tiles(h, chunk_rows), keep_fp32=True,
+                                       defer_weight=True)
     acc = _lse_dtype(h)
-    return loss, dh.to(acc), dw.to(acc)  # no-ops but for fp64 and for the [0] placeholders
+    return loss, dh.to(acc), dw.to(acc), grad_scale.to(acc)  # no-ops but for fp64 and the [0] placeholders
 
 
 @linear_cross_entropy_fused.register_fake
@@ -273,20 +287,20 @@ def _(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scal
     _check_args(h, weight, target, reduction)
     acc = _lse_dtype(h)
     return (h.new_empty((), dtype=acc), h.new_empty(h.shape if need_dh else (0,), dtype=acc),
-            weight.new_empty(weight.shape if need_dw else (0,), dtype=acc))
+            weight.new_empty(weight.shape if need_dw else (0,), dtype=acc), h.new_empty((), dtype=acc))
 
 
 def _fused_setup_context(ctx, inputs, output) -> None:
-    _, dh, dw = output
-    ctx.save_for_backward(dh, dw)
+    _, dh, dw, grad_scale = output
+    ctx.save_for_backward(dh, dw, grad_scale)
     ctx.computed = inputs[8], inputs[9]  # need_dh, need_dw as the pass decided them
     ctx.dtypes = inputs[0].dtype, inputs[1].dtype
-    ctx.mark_non_differentiable(dh, dw)
+    ctx.mark_non_differentiable(dh, dw, grad_scale)
 
 
-def _fused_backward(ctx, grad_loss: Tensor, _grad_dh, _grad_dw):
-    dh, dw = ctx.saved_tensors
-    g = grad_loss.to(_acc_dtype(dh))
+def _fused_backward(ctx, grad_loss: Tensor, _grad_dh, _grad_dw, _grad_scale_grad):
+    dh, dw, grad_scale = ctx.saved_tensors
+    g = grad_loss.to(_acc_dtype(dh)) * grad_scale.to(_acc_dtype(dh))
 
     def scaled(x: Tensor, needed: bool, computed: bool, name: str, dtype: torch.dtype):
         if not needed:

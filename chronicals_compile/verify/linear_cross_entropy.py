@@ -33,7 +33,10 @@ GRAD_SLACK = 2.0
 #: forward from tl.dot logit tiles; fused_matmul: the same from one GEMM's logits per row chunk.
 #: recompute_vocab: the recompute backward walking vocabulary slices instead of row chunks;
 #: recompute_lean: the same with slices no wider than the hidden size (``cce_mode="lean"``).
-MODES = ("recompute", "recompute_vocab", "recompute_lean", "fused", "fused_matmul")
+#: fused_quack: fused_matmul as the op runs it with QuACK's row kernel (``CHRONICALS_CCE_ROWS=quack``):
+#: the row weight deferred to the scaling of the fp32 accumulators (where QuACK is missing, or for
+#: label smoothing / soft-cap / logit scale, our row kernel writes the unweighted G instead).
+MODES = ("recompute", "recompute_vocab", "recompute_lean", "fused", "fused_matmul", "fused_quack")
 #: The recompute backward's layout for each recompute mode.
 LAYOUT = {"recompute": "rows", "recompute_vocab": "vocab", "recompute_lean": "lean"}
 
@@ -107,6 +110,11 @@ def ours(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale,
     from ..kernels import linear_cross_entropy as k
 
     args = (ignore_index, reduction, label_smoothing, softcap, scale)
+    if mode == "fused_quack":
+        loss, dh, dw, grad_scale = k.fused(h, w, target, *args, tiles=tiles, logits="matmul", rows="quack",
+                                           keep_fp32=True, defer_weight=True)
+        g = torch.tensor(grad, dtype=torch.float32, device=h.device) * grad_scale
+        return loss, (dh * g).to(h.dtype), (dw * g).to(w.dtype)
     if mode in ("fused", "fused_matmul"):
         loss, dh, dw = k.fused(h, w, target, *args, tiles=tiles, logits="matmul" if mode == "fused_matmul" else "tiles")
         g = torch.tensor(grad, dtype=torch.float32, device=h.device)

@@ -170,7 +170,8 @@ def test_cpu_reference_ops_chunked_match_float64(monkeypatch, opts):
     ref = case.torch_loss(h.double(), w.double(), t, *opts)
     loss, lse = ops.linear_cross_entropy(h, w, t, *opts)
     dh, dw = ops.linear_cross_entropy_backward(torch.tensor(1.0), h, w, t, lse, *opts, True, True)
-    floss, fdh, fdw = ops.linear_cross_entropy_fused(h, w, t, *opts, True, True)
+    floss, fdh, fdw, fscale = ops.linear_cross_entropy_fused(h, w, t, *opts, True, True)
+    fdh, fdw = fdh * fscale, fdw * fscale  # the row losses' sum's gradients, times what makes them the loss's
     for got, want in ((loss, ref[0]), (dh, ref[1]), (dw, ref[2]), (floss, ref[0]), (fdh, ref[1]), (fdw, ref[2])):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
@@ -271,8 +272,8 @@ def test_fused_op_rounds_once_after_scaling_by_the_incoming_gradient():
     h, w, t, _ = case.make_inputs(23, 16, 40, torch.bfloat16, "some", 6)
     h.requires_grad_(True)
     w.requires_grad_(True)
-    loss, dh, dw = ops.linear_cross_entropy_fused(h, w, t, -100, "sum", 0.0, 0.0, 1.0, True, True)
-    assert dh.dtype == dw.dtype == torch.float32
+    loss, dh, dw, grad_scale = ops.linear_cross_entropy_fused(h, w, t, -100, "sum", 0.0, 0.0, 1.0, True, True)
+    assert dh.dtype == dw.dtype == torch.float32 and float(grad_scale) == 1.0
     (loss * 0.37).backward()
     g = torch.tensor(0.37)
     assert h.grad.dtype == w.grad.dtype == torch.bfloat16
