@@ -1,4 +1,5 @@
 """Cut cross-entropy: Triton launchers (interpreted on CPU) and the ops' CPU reference, vs float64."""
+import dataclasses
 import math
 
 import pytest
@@ -289,3 +290,58 @@ def test_fused_keep_fp32_without_dh():
     _, _, dw = k.fused(h, w, t, tiles=tiles)
     assert dh.numel() == 0 and dw32.dtype == torch.float32
     torch.testing.assert_close(dw32.to(torch.float16), dw, rtol=1e-3, atol=1e-6)
+
+
+def _quack_stand_in(z, target, ignore_index, loss_out):
+    """What QuACK's row kernel computes (its source, quack/cross_entropy.py), in torch: each row's
+    ``lse - z[target]`` (0 when ignored) and ``softmax(z) - onehot(target)`` over ``z`` (zeros when
+    ignored). It runs only on CUDA, so on CPU this stands in for it to test our side of the call."""
+    zf = z.float()
+    lse = torch.logsumexp(zf, dim=-1)
+    ignored = target == ignore_index
+    safe = target.clamp(0, z.shape[1] - 1)
+    loss_out.copy_(torch.where(ignored, 0.0, lse - zf.gather(1, safe[:, None])[:, 0]))
+    g = torch.softmax(zf, dim=-1) - F.one_hot(safe, z.shape[1]).float()
+    z.copy_(torch.where(ignored[:, None], 0.0, g).to(z.dtype))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("ignore", ["some", "all", "none"])
+@pytest.mark.parametrize("deferred", [False, True])
+def test_quack_row_path_plumbing(monkeypatch, reduction, ignore, deferred):
+    """Our side of QuACK's row kernel: unweighted G, the row weight applied to the fp32 accumulators
+    (or deferred to the op's backward as grad_scale), out-of-range targets handed over as ignored,
+    several ragged chunks; against float64, with the kernel's documented math standing in for it."""
+    from chronicals_compile.kernels import quack_cross_entropy
+
+    calls = []
+    monkeypatch.setattr(k, "_quack_rows", lambda *a: True)
+    monkeypatch.setattr(quack_cross_entropy, "rows_in_place",
+                        lambda *a: (calls.append(a[0].shape), _quack_stand_in(*a)))
+    h, w, t, _ = case.make_inputs(37, 40, 300, torch.float16, ignore, 2)
+    tiles = dataclasses.replace(SMALL, chunk_rows=16)
+    want = case.torch_loss(h.double(), w.double(), t, -100, reduction, 0.0, 0.0, 1.0)
+    if deferred:
+        loss, dh, dw, grad_scale = k.fused(h, w, t, reduction=reduction, tiles=tiles, keep_fp32=True,
+                                           defer_weight=True)
+        dh, dw = (dh * grad_scale).half(), (dw * grad_scale).half()
+    else:
+        loss, dh, dw = k.fused(h, w, t, reduction=reduction, tiles=tiles)
+    assert len(calls) == 3  # 37 rows in chunks of at most 16
+    same = case.torch_loss(h, w, t, -100, reduction, 0.0, 0.0, 1.0)
+    assert_all_ok([measure(n, o, s, r, dtype=torch.float16) for n, o, s, r in
+                   zip(("loss", "dh", "dw"), (loss, dh, dw), same, want)])
+
+
+def test_quack_row_path_out_of_range_target_is_nan(monkeypatch):
+    from chronicals_compile.kernels import quack_cross_entropy
+
+    seen = []
+    monkeypatch.setattr(k, "_quack_rows", lambda *a: True)
+    monkeypatch.setattr(quack_cross_entropy, "rows_in_place",
+                        lambda z, tgt, ig, out: (seen.append(tgt.clone()), _quack_stand_in(z, tgt, ig, out)))
+    h, w, t, _ = case.make_inputs(9, 16, 30, torch.float32, "none", 4)
+    t[2], t[5] = 30, -3
+    loss, dh, dw = k.fused(h, w, t, tiles=SMALL)
+    assert math.isnan(float(loss)) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
+    assert int(seen[0][2]) == int(seen[0][5]) == -100  # handed over as ignored: no out-of-bounds read
