@@ -455,9 +455,16 @@ FUSED_LOGITS = os.environ.get("CHRONICALS_CCE_LOGITS", "matmul")
 
 #: The row kernel after a ``matmul`` chunk: ``triton`` (``_ce_rows_kernel``: two reads and a write
 #: of the chunk) or ``quack`` (QuACK's, ``kernels.quack_cross_entropy``: the row held in a CTA
-#: cluster's shared memory, one read and a write; plain logits, bf16/fp16, sm90/sm100 with QuACK;
-#: elsewhere ``triton``).
-FUSED_ROWS = os.environ.get("CHRONICALS_CCE_ROWS", "triton")
+#: cluster's shared memory, one read and a write) where it can take the call, ``triton`` elsewhere.
+#: ``quack`` by default: on an H100 a [3328, 151936] bf16 chunk took 0.734 ms against 1.079, the
+#: fused op at (16384, 896, 151936) 24.61 against 25.10 ms and the Qwen2.5-0.5B 8 x 2048 step
+#: 117.6 against 118.6 ms (+0.9%), same peak memory
+#: (benchmarks/results/2026-12-06-h100-session18/call4).
+FUSED_ROWS = os.environ.get("CHRONICALS_CCE_ROWS", "quack")
+
+#: The widest vocabulary handed to QuACK's row kernel: a row spreads over at most 16 CTAs, each
+#: holding its slice in shared memory (16 x 16384 bf16 = 32 KB a CTA here); wider rows stay ours.
+QUACK_MAX_VOCAB = 1 << 18
 
 
 def _grad_scale(valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -469,8 +476,12 @@ def _grad_scale(valid: torch.Tensor, reduction: str) -> torch.Tensor:
     return torch.where(count > 0, 1.0 / count.clamp(min=1).float(), 0.0)
 
 
-def _quack_rows(z_dtype: torch.dtype, device: torch.device, logits: str, rows: str, plain: bool) -> bool:
-    if logits != "matmul" or rows != "quack" or not plain:
+def _quack_rows(z_dtype: torch.dtype, device: torch.device, logits: str, rows: str, plain: bool,
+                vocab: int) -> bool:
+    """QuACK's kernel takes the chunk: plain logits from a GEMM, a vocabulary that is a multiple of 8
+    (16-byte rows: at an odd one its async copies fail to compile, "cp_size only supports (32, 64,
+    128), but got 16", H100 session 18) and at most ``QUACK_MAX_VOCAB``, and QuACK usable here."""
+    if logits != "matmul" or rows != "quack" or not plain or vocab % 8 or vocab > QUACK_MAX_VOCAB:
         return False
     from . import quack_cross_entropy
 
@@ -508,7 +519,7 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
     h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
     n, v = h.shape[0], w.shape[0]
     smooth = label_smoothing != 0.0
-    quack = _quack_rows(h.dtype, h.device, logits, rows, not smooth and softcap == 0.0 and scale == 1.0)
+    quack = _quack_rows(h.dtype, h.device, logits, rows, not smooth and softcap == 0.0 and scale == 1.0, v)
     unweighted = defer_weight or quack
     row_w = _row_weights(torch.ones((), device=h.device), target, ignore_index,
                          "sum" if unweighted else reduction, valid)

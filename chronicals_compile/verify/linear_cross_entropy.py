@@ -116,7 +116,8 @@ def ours(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale,
         g = torch.tensor(grad, dtype=torch.float32, device=h.device) * grad_scale
         return loss, (dh * g).to(h.dtype), (dw * g).to(w.dtype)
     if mode in ("fused", "fused_matmul"):
-        loss, dh, dw = k.fused(h, w, target, *args, tiles=tiles, logits="matmul" if mode == "fused_matmul" else "tiles")
+        loss, dh, dw = k.fused(h, w, target, *args, tiles=tiles, rows="triton",  # our row kernel; QuACK's: fused_quack
+                               logits="matmul" if mode == "fused_matmul" else "tiles")
         g = torch.tensor(grad, dtype=torch.float32, device=h.device)
         return loss, (dh.float() * g).to(dh.dtype), (dw.float() * g).to(dw.dtype)
     loss, lse = k.forward(h, w, target, *args, tiles=tiles)

@@ -345,3 +345,17 @@ def test_quack_row_path_out_of_range_target_is_nan(monkeypatch):
     loss, dh, dw = k.fused(h, w, t, tiles=SMALL)
     assert math.isnan(float(loss)) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
     assert int(seen[0][2]) == int(seen[0][5]) == -100  # handed over as ignored: no out-of-bounds read
+
+
+@pytest.mark.parametrize("vocab,taken", [(151936, True), (4096, True), (4099, False), (32003, False),
+                                         (32004, False), (2**18 + 8, False)])
+def test_quack_takes_only_vocabularies_it_compiles(monkeypatch, vocab, taken):
+    """16-byte rows and at most QUACK_MAX_VOCAB; plain logits from a GEMM; asked only with rows="quack"."""
+    from chronicals_compile.kernels import quack_cross_entropy
+
+    monkeypatch.setattr(quack_cross_entropy, "unavailable_reason", lambda *a: None)
+    cuda = torch.device("cuda", 0)
+    assert k._quack_rows(torch.bfloat16, cuda, "matmul", "quack", True, vocab) is taken
+    assert not k._quack_rows(torch.bfloat16, cuda, "matmul", "triton", True, vocab)
+    assert not k._quack_rows(torch.bfloat16, cuda, "tiles", "quack", True, vocab)
+    assert not k._quack_rows(torch.bfloat16, cuda, "matmul", "quack", False, vocab)
