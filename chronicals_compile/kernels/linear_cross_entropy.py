@@ -469,7 +469,8 @@ QUACK_MAX_VOCAB = 1 << 18
 
 def _grad_scale(valid: torch.Tensor, reduction: str) -> torch.Tensor:
     """What turns gradients of the summed row losses into the loss's: 1 / valid rows for a mean
-    (0 when none is valid: zero gradients, as torch gives), 1 for a sum. 0-dim fp32."""
+    (0 when none is valid: zero gradients, as torch gives), 1 for a sum (and for gradients already
+    weighted: ``reduction="sum"``). 0-dim fp32."""
     if reduction != "mean":
         return torch.ones((), dtype=torch.float32, device=valid.device)
     count = valid.sum()
@@ -496,11 +497,12 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
     """Loss plus dh and dW for an incoming gradient of 1, the logits computed once per chunk.
     ``keep_fp32``: dh and dW come back as their fp32 accumulators, not rounded to the input dtype:
     the backward scales them by the incoming gradient and rounds once (no second rounding, and no
-    fp32 -> bf16 pass over V x d in the forward). ``defer_weight`` (with ``keep_fp32``): dh and dW
-    are those of the loss summed over rows, and a fourth result, a 0-dim fp32 ``grad_scale``
-    (1 / valid rows for a mean, else 1; 0 when no row is valid), turns them into the loss's: the
-    backward multiplies it in with the incoming gradient, so no row weight is applied per logit
-    (QuACK's row kernel applies none). ``rows``: the row kernel (``FUSED_ROWS`` by default)."""
+    fp32 -> bf16 pass over V x d in the forward). ``defer_weight`` (with ``keep_fp32``): a fourth
+    result, a 0-dim fp32 ``grad_scale``, is what dh and dW must still be multiplied by (with the
+    incoming gradient) to be the loss's: 1 where the row weight was applied per logit (our row
+    kernels, whose numbers stay exactly those of the weighted G), 1 / valid rows for a mean (0 when
+    none is valid) where QuACK's row kernel, which applies no weight, wrote G. The backward
+    multiplies it in for free. ``rows``: the row kernel (``FUSED_ROWS`` by default)."""
     _check(h, w, target)
     tiles = tiles or default_tiles(h.dtype, h.device)
     logits = logits or FUSED_LOGITS
@@ -515,12 +517,12 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
     if not (need_dh or need_dw):
         loss, _ = forward(h, w, target, ignore_index, reduction, label_smoothing, softcap, scale, tiles)
         out = (loss, h.new_empty((0,)), w.new_empty((0,)))
-        return (*out, _grad_scale(valid, reduction)) if defer_weight else out
+        return (*out, _grad_scale(valid, "sum")) if defer_weight else out
     h, w, target = _rows_contiguous(h), _rows_contiguous(w), target.contiguous()
     n, v = h.shape[0], w.shape[0]
     smooth = label_smoothing != 0.0
     quack = _quack_rows(h.dtype, h.device, logits, rows, not smooth and softcap == 0.0 and scale == 1.0, v)
-    unweighted = defer_weight or quack
+    unweighted = quack  # QuACK writes G without the row weight; ours applies it per logit
     row_w = _row_weights(torch.ones((), device=h.device), target, ignore_index,
                          "sum" if unweighted else reduction, valid)
     row_loss = torch.zeros((n,), dtype=torch.float32, device=h.device)
@@ -547,13 +549,13 @@ def fused(h, w, target, ignore_index: int = -100, reduction: str = "mean",
         row_loss[r0:r1] = _row_losses(lse, zt, sumz, tc, v, ignore_index, label_smoothing)[0]
 
     dh, dw = _gradients(h, w, fill, need_dh=need_dh, need_dw=need_dw, tiles=tiles,
-                        keep_fp32=keep_fp32 or unweighted)
+                        keep_fp32=keep_fp32 or unweighted)  # unweighted: rounded once, after the weight
     if quack:  # a target out of range that is not ignored: NaN, as _row_losses gives
         in_range = (target >= 0) & (target < v)
         row_loss = torch.where(in_range | ~valid, row_loss, math.nan)
     loss = _reduce(row_loss, valid, reduction)
     if not unweighted:
-        return loss, dh, dw
+        return (loss, dh, dw, _grad_scale(valid, "sum")) if defer_weight else (loss, dh, dw)
     grad_scale = _grad_scale(valid, reduction)
     if defer_weight:
         return loss, dh, dw, grad_scale

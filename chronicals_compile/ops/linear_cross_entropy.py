@@ -23,8 +23,9 @@ Three ops:
 ``linear_cross_entropy_fused(h, weight, target, ..., need_dh, need_dw) -> (loss, dh, dw, grad_scale)``
     Computes the gradients during the forward (the logits are computed once); differentiable in
     ``loss``, whose backward only scales dh and dw by the incoming gradient times ``grad_scale``.
-    dh and dw are the fp32 accumulators (fp64 for fp64 inputs) of the row losses' sum, rounded
-    once, after the scaling; ``grad_scale`` is 1 / valid rows for a mean (0 if none), 1 for a sum.
+    dh and dw are the fp32 accumulators (fp64 for fp64 inputs), rounded once, after the scaling;
+    ``grad_scale`` is 1 where the row weight was applied per logit, 1 / valid rows for a mean
+    where QuACK's row kernel (which applies none) wrote the gradient.
 
 CUDA runs the Triton launchers of ``kernels.linear_cross_entropy``; other devices run the chunked
 torch reference below (row chunks of at most ``_CPU_CHUNK_ELEMENTS`` logits, so CPU evaluation is
@@ -248,24 +249,18 @@ def linear_cross_entropy_fused(h: Tensor, weight: Tensor, target: Tensor, ignore
                                reduction: str, label_smoothing: float, softcap: float, scale: float,
                                need_dh: bool, need_dw: bool,
                                chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, dh, dw, grad_scale)``: dh and dW are the gradients of the row losses' *sum*, in the
-    accumulation dtype (fp32 for half inputs, as the loss); ``grad_scale`` (0-dim, that dtype) is
-    what turns them into the loss's (1 / valid rows for a mean, 1 for a sum, 0 when no row is
-    valid). The backward multiplies both into dh and dW with the incoming gradient and rounds once,
-    to the inputs' dtypes: no row weight has to be applied per logit in the forward."""
+    """``(loss, dh, dw, grad_scale)``: ``grad_scale * dh`` and ``grad_scale * dw`` are the loss's
+    gradients for an incoming gradient of 1; dh and dW are in the accumulation dtype (fp32 for half
+    inputs, as the loss), ``grad_scale`` is 0-dim in it. Where the row weight is applied per logit
+    (this reference, our Triton row kernels) it is 1; where QuACK's row kernel wrote the gradient
+    (no weight: dh and dW are the row losses' sum's) it is 1 / valid rows for a mean (0 if none).
+    The backward multiplies it in with the incoming gradient and rounds once, to the inputs' dtypes."""
     _check_args(h, weight, target, reduction)
     loss, lse = reference_forward(h, weight, target, ignore_index, reduction, label_smoothing, softcap, scale)
     acc = _acc_dtype(h)
     dh, dw = reference_backward(torch.ones((), dtype=acc), h, weight, target, lse, ignore_index,
-                                "sum", label_smoothing, softcap, scale, need_dh, need_dw, acc_outputs=True)
-    return loss.to(_lse_dtype(h)), dh, dw, _grad_scale(target, ignore_index, reduction, acc)
-
-
-def _grad_scale(target: Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> Tensor:
-    if reduction != "mean":
-        return torch.ones((), dtype=dtype, device=target.device)
-    count = (target != ignore_index).sum()
-    return torch.where(count > 0, 1.0 / count.clamp(min=1).to(dtype), 0.0).to(dtype)
+                                reduction, label_smoothing, softcap, scale, need_dh, need_dw, acc_outputs=True)
+    return loss.to(_lse_dtype(h)), dh, dw, torch.ones((), dtype=acc, device=h.device)
 
 
 @linear_cross_entropy_fused.register_kernel("cuda")
