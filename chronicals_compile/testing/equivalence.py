@@ -80,3 +80,38 @@ def train_losses(model: torch.nn.Module, batches, *, lr: float, cuda_graphs: boo
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach().float().clone())
     return torch.stack(losses)
+
+
+def assert_compiled_half_step_matches_float64(base: torch.nn.Module, batch: dict[str, Any], *,
+                                              swaps: dict[str, int], options: dict | None = None,
+                                              dtype: torch.dtype = torch.bfloat16,
+                                              slack_scale: float = 2.0) -> None:
+    """One training step of ``base`` compiled in ``dtype`` against a float64 copy: the loss and every
+    gradient within ``dtype`` eager's own error of float64 plus the dtype's slack, after asserting
+    that the compile swapped each pattern of ``swaps`` that many times (so a silent fallback cannot
+    pass for the kernel under test) and that some gradient is non-zero. Why float64 and not eager
+    ``dtype``: a half-precision kernel is right when it is as close to the exact step as torch's own
+    half step is, not when it rounds the same way."""
+    import chronicals_compile
+    from ..verify.tolerance import assert_all_ok, measure
+
+    def step(model: torch.nn.Module, compiled: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        if compiled:
+            report = chronicals_compile.explain(model, options=options, **batch)
+            for name, count in swaps.items():
+                assert report.swaps.get(name) == count, str(report)
+            loss = report.output.loss
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad for _, p in sorted(model.named_parameters())]
+
+    ref = step(copy.deepcopy(base).double(), False)
+    same = step(copy.deepcopy(base).to(dtype), False)
+    torch._dynamo.reset()
+    ours = step(copy.deepcopy(base).to(dtype), True)
+    names = ["loss"] + [n for n, _ in sorted(base.named_parameters())]
+    assert any(g is not None and g.abs().sum() > 0 for g in ours[1:])
+    assert_all_ok([measure(n, o, s, r, dtype=dtype, slack_scale=slack_scale)
+                   for n, o, s, r in zip(names, ours, same, ref)])

@@ -10,6 +10,8 @@ import torch
 import chronicals_compile.ops  # noqa: F401
 from chronicals_compile.kernels import linear_cross_entropy as k
 from chronicals_compile.kernels import quack_cross_entropy
+from chronicals_compile.testing import random_batch, tiny_model
+from chronicals_compile.testing.equivalence import assert_compiled_half_step_matches_float64
 from chronicals_compile.verify import linear_cross_entropy as case
 from chronicals_compile.verify.tolerance import assert_all_ok
 
@@ -100,32 +102,8 @@ def test_same_as_our_row_kernel_at_the_training_shape(quack_calls):
 def test_compiled_bf16_model_matches_float64(monkeypatch, quack_calls):
     """Loss and every gradient of a compiled bf16 model whose loss takes QuACK's row kernel, against
     a float64 copy, within bf16 eager's own error of it plus the bf16 slack."""
-    import copy
-
-    import chronicals_compile
-    from chronicals_compile.testing import random_batch, tiny_model
-    from chronicals_compile.verify.tolerance import measure
-
     monkeypatch.setattr(k, "FUSED_ROWS", "quack")
     base = tiny_model("qwen2", layers=2, hidden=256, heads=4, kv_heads=2, intermediate=704, vocab=4096).cuda()
     batch = {name: v.cuda() for name, v in random_batch(seq=128, vocab=4096).items()}
-
-    def step(model, compiled):
-        model.zero_grad(set_to_none=True)
-        if compiled:
-            report = chronicals_compile.explain(model, **batch)
-            assert report.swaps.get("linear_cross_entropy") == 1, str(report)
-            loss = report.output.loss
-        else:
-            loss = model(**batch).loss
-        loss.backward()
-        return [loss.detach()] + [p.grad for _, p in sorted(model.named_parameters())]
-
-    ref = step(copy.deepcopy(base).double(), False)
-    same = step(copy.deepcopy(base).bfloat16(), False)
-    torch._dynamo.reset()
-    ours = step(copy.deepcopy(base).bfloat16(), True)
+    assert_compiled_half_step_matches_float64(base, batch, swaps={"linear_cross_entropy": 1})
     assert quack_calls, "QuACK's row kernel never ran in the compiled step"
-    names = ["loss"] + [n for n, _ in sorted(base.named_parameters())]
-    assert any(g.abs().sum() > 0 for g in ours[1:])
-    assert_all_ok([measure(n, o, s, r, dtype=torch.bfloat16, slack_scale=2.0) for n, o, s, r in zip(names, ours, same, ref)])
