@@ -18,6 +18,8 @@ import functools
 import torch
 from torch import Tensor
 
+from . import cute_dsl_device
+
 
 @functools.lru_cache(maxsize=None)
 def _import_reason() -> str | None:
@@ -30,23 +32,10 @@ def _import_reason() -> str | None:
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """None when FA4 can run causal attention on ``device`` in ``dtype`` at ``head_dim``, else why not."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _unavailable_reason(device, dtype, head_dim)
-
-
-@functools.lru_cache(maxsize=None)
-def _unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    if device.type != "cuda":
-        return f"flash-attn-4 runs on CUDA only (attention is on {device.type})"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"flash-attn-4 takes bf16 or fp16, not {dtype}"
     if head_dim % 8 or head_dim > 128:
         return f"head dim {head_dim} is not a multiple of 8 up to 128 (the widths FA4's Hopper kernels are built for)"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major not in (9, 10):
-        return f"flash-attn-4 needs an sm90 or sm100 GPU (this one is sm{major}x)"
-    return _import_reason()
+    return (cute_dsl_device.device_reason(cute_dsl_device.with_index(device), dtype, "flash-attn-4", "attention")
+            or _import_reason())
 
 
 def _bshd(t: Tensor) -> Tensor:

@@ -19,6 +19,8 @@ import functools
 import torch
 from torch import Tensor
 
+from . import cute_dsl_device
+
 
 @functools.lru_cache(maxsize=None)
 def _import_reason() -> str | None:
@@ -30,23 +32,9 @@ def _import_reason() -> str | None:
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when QuACK's row kernel can take a chunk on ``device`` in ``dtype``, else why not (cached:
-    asked once a chunk)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _unavailable_reason(device, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type != "cuda":
-        return f"QuACK's cross-entropy runs on CUDA only (the logits are on {device.type})"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"QuACK's cross-entropy path takes bf16 or fp16 logits here, not {dtype}"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major not in (9, 10):
-        return f"QuACK's cross-entropy needs an sm90 or sm100 GPU (this one is sm{major}x)"
-    return _import_reason()
+    """None when QuACK's row kernel can take a chunk on ``device`` in ``dtype``, else why not."""
+    return (cute_dsl_device.device_reason(cute_dsl_device.with_index(device), dtype, "QuACK's cross-entropy",
+                                          "the logits") or _import_reason())
 
 
 def safe_targets(target: Tensor, vocab: int, ignore_index: int) -> Tensor:

@@ -21,6 +21,8 @@ import functools
 import torch
 from torch import Tensor
 
+from . import cute_dsl_device
+
 #: The activations QuACK's gated epilogues compute, by our op's names (QuACK's "geglu" is the
 #: tanh approximation, as Gemma's ``gelu_pytorch_tanh``).
 ACTIVATIONS = ("swiglu", "geglu")
@@ -44,23 +46,9 @@ def _import_reason() -> str | None:
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """None when the fused epilogue GEMMs can run on ``device`` in ``dtype``, else why not.
-    Cached: the op asks on every call, and the uncached answer cost 8.9 us of host time there
-    (session14/call3), twice a layer."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _unavailable_reason(device, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type != "cuda":
-        return f"QuACK's GEMMs run on CUDA only (the MLP is on {device.type})"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"QuACK's gated GEMMs take bf16 or fp16 inputs, not {dtype}"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major not in (9, 10):
-        return f"QuACK's GEMMs need an sm90 or sm100 GPU (this one is sm{major}x)"
-    return _import_reason()
+    Cached (``cute_dsl_device``): the op asks on every call, twice a layer."""
+    return (cute_dsl_device.device_reason(cute_dsl_device.with_index(device), dtype, "QuACK's gated GEMMs",
+                                          "the MLP") or _import_reason())
 
 
 def _interface():
