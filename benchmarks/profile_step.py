@@ -96,24 +96,33 @@ def idle_by_neighbours(kernels: list[dict], steps: int, top: int = TOP) -> dict:
     Why: ``gap`` says how long the GPU waits, not where; a hole after one kernel kind in every
     layer (a host-side launch that costs more than the GPU work it follows) shows up here as one
     pair with ~layers x steps holes. The profiler inflates host time, so read the pairs' shares,
-    not their absolute ms, against the unprofiled gap.
+    not their absolute ms, against the unprofiled gap. Each pair's median and largest hole say
+    whether its time is spread over every layer (median near the mean) or sits in a few holes
+    (one large hole a step, e.g. where the host is level with the GPU at the step's start).
+    ``launched`` (a kernel's launch call's timestamp, where the trace has it) gives each pair's
+    median launch-to-start lag: a few us means the host launched the kernel only as the GPU ran
+    dry (the host is late); a lag far longer than the hole means the kernel sat queued and the
+    GPU waited on something else.
     """
-    spans = sorted((k["ts"], k["ts"] + k["dur"], k["name"]) for k in kernels)
-    holes: dict[tuple[str, str], list] = {}
+    spans = sorted((k["ts"], k["ts"] + k["dur"], k["name"], k.get("launched")) for k in kernels)
+    holes: dict[tuple[str, str], list[float]] = {}
+    lags: dict[tuple[str, str], list[float]] = {}
     end, last = None, None
-    for s, e, name in spans:
+    for s, e, name, launched in spans:
         if end is not None and s > end:
             key = (last[:70], name[:70])
-            agg = holes.setdefault(key, [0.0, 0])
-            agg[0] += s - end
-            agg[1] += 1
+            holes.setdefault(key, []).append(s - end)
+            if launched is not None:
+                lags.setdefault(key, []).append(s - launched)
         if end is None or e > end:
             end, last = e, name
-    total = sum(v[0] for v in holes.values())
+    total = sum(sum(v) for v in holes.values())
     # the per-step synchronize leaves one hole between steps: listed like any other pair
-    rows = [{"before": b, "after": a, "ms": us / 1e3 / steps, "holes": n / steps}
-            for (b, a), (us, n) in sorted(holes.items(), key=lambda kv: -kv[1][0])[:top]]
-    return {"idle_ms": total / 1e3 / steps, "holes": sum(v[1] for v in holes.values()) / steps, "pairs": rows}
+    rows = [{"before": b, "after": a, "ms": sum(gaps) / 1e3 / steps, "holes": len(gaps) / steps,
+             "median_us": statistics.median(gaps), "max_us": max(gaps),
+             "launch_lag_us": statistics.median(lags[(b, a)]) if lags.get((b, a)) else None}
+            for (b, a), gaps in sorted(holes.items(), key=lambda kv: -sum(kv[1]))[:top]]
+    return {"idle_ms": total / 1e3 / steps, "holes": sum(len(v) for v in holes.values()) / steps, "pairs": rows}
 
 
 def _cpu_self_times(ops: list[dict]) -> list[dict]:
@@ -411,8 +420,13 @@ def _gpu_only_idle(step, steps: int) -> dict:
 
 def gpu_only_idle(trace: dict, steps: int, wall_ms: float) -> dict:
     """``idle_by_neighbours`` of a CUDA-activity trace, with its busy time and the steps' wall."""
-    kernels = [{"name": e["name"], "ts": float(e["ts"]), "dur": float(e["dur"])}
-               for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e
+    events = trace.get("traceEvents", [])
+    launches = {(e.get("args") or {}).get("correlation"): float(e["ts"]) for e in events
+                if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    launches.pop(None, None)
+    kernels = [{"name": e["name"], "ts": float(e["ts"]), "dur": float(e["dur"]),
+                "launched": launches.get((e.get("args") or {}).get("correlation"))}
+               for e in events if e.get("ph") == "X" and "dur" in e
                and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     busy = _union_us([(k["ts"], k["ts"] + k["dur"]) for k in kernels]) / 1e3 / steps
     # a library launching on a stream of its own (not torch's current one) shows as a second stream
@@ -478,6 +492,12 @@ def _na(value):
     return "n/a" if value is None else value
 
 
+def _idle_row(pair: dict) -> dict:
+    return {"kernel before": pair["before"], "kernel after": pair["after"], "idle ms/step": pair["ms"],
+            "holes/step": pair["holes"], "median hole us": _na(pair.get("median_us")),
+            "largest hole us": _na(pair.get("max_us")), "launch-to-start us": _na(pair.get("launch_lag_us"))}
+
+
 def render(results: list[dict]) -> list[tuple[str, str]]:
     from common import markdown_table
 
@@ -516,16 +536,14 @@ def render(results: list[dict]) -> list[tuple[str, str]]:
                          "the host returned from the phase / the GPU finished it)", markdown_table(phase_rows)))
     for r in ok:
         if r.get("idle"):
-            rows = [{"kernel before": p["before"], "kernel after": p["after"], "idle ms/step": p["ms"],
-                     "holes/step": p["holes"]} for p in r["idle"]["pairs"]]
+            rows = [_idle_row(p) for p in r["idle"]["pairs"]]
             sections.append((f"GPU idle by neighbouring kernels: {r['variant']} (profiled: "
                              f"{r['idle']['idle_ms']:.2f} ms in {r['idle']['holes']:.0f} holes a step)",
                              markdown_table(rows)))
     for r in ok:
         idle = r.get("idle_gpu_only")
         if idle:
-            rows = [{"kernel before": p["before"], "kernel after": p["after"], "idle ms/step": p["ms"],
-                     "holes/step": p["holes"]} for p in idle["pairs"]]
+            rows = [_idle_row(p) for p in idle["pairs"]]
             sections.append((f"GPU idle by neighbouring kernels, CUDA-only trace: {r['variant']} "
                              f"(wall {idle['wall_ms']:.1f} ms, busy {idle['busy_ms']:.1f}: "
                              f"{idle['idle_ms']:.2f} ms in {idle['holes']:.0f} holes a step; kernels a step by "

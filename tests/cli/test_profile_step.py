@@ -50,8 +50,8 @@ def test_classify_gpu_kernel_names(name, category):
 
 
 def test_analyse_cuda_trace_busy_is_the_union_of_kernel_intervals():
-    def ev(name, ts, dur, cat="kernel"):
-        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+    def ev(name, ts, dur, cat="kernel", corr=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
 
     trace = {"traceEvents": [
         ev("nvjet_tst_128x256", 0, 10), ev("triton_poi_fused_add_0", 5, 10),  # overlap (two streams)
@@ -122,16 +122,23 @@ def test_gemm_shapes_attribute_kernels_to_their_op_and_rate():
 
 def test_gpu_only_idle_reads_kernels_and_renders_its_table():
     """The CUDA-only pass: holes between kernels (CPU records, if any, ignored) and its own table."""
-    def ev(name, ts, dur, cat="kernel"):
-        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+    def ev(name, ts, dur, cat="kernel", corr=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
 
     trace = {"traceEvents": [ev("CatArrayBatchedCopy", 0, 10), ev("quack_gemm", 25, 100),
-                             ev("aten::mm", 0, 200, "cpu_op"), ev("Memset (Device)", 130, 5, "gpu_memset")]}
-    idle = profile_step.gpu_only_idle(trace, steps=1, wall_ms=0.2)
-    assert idle["busy_ms"] == pytest.approx(115 / 1e3) and idle["wall_ms"] == 0.2
-    assert idle["idle_ms"] == pytest.approx(20 / 1e3) and idle["holes"] == 2
+                             ev("aten::mm", 0, 200, "cpu_op"), ev("Memset (Device)", 130, 5, "gpu_memset"),
+                             ev("CatArrayBatchedCopy", 135, 10), ev("quack_gemm", 147, 100),
+                             ev("CatArrayBatchedCopy", 247, 10), ev("quack_gemm", 260, 100, corr=5),
+                             ev("cuLaunchKernelEx", 256, 2, "cuda_driver", corr=5)]}
+    idle = profile_step.gpu_only_idle(trace, steps=1, wall_ms=0.4)
+    assert idle["busy_ms"] == pytest.approx(335 / 1e3) and idle["wall_ms"] == 0.4
+    assert idle["idle_ms"] == pytest.approx(25 / 1e3) and idle["holes"] == 4
     assert [(p["before"], p["after"], p["ms"]) for p in idle["pairs"]] == [
-        ("CatArrayBatchedCopy", "quack_gemm", pytest.approx(0.015)), ("quack_gemm", "Memset (Device)", pytest.approx(0.005))]
+        ("CatArrayBatchedCopy", "quack_gemm", pytest.approx(0.020)), ("quack_gemm", "Memset (Device)", pytest.approx(0.005))]
+    # one 15 us hole and two of 2-3 us: the median and the largest tell a spread from a lump
+    assert idle["pairs"][0]["median_us"] == 3 and idle["pairs"][0]["max_us"] == 15
+    # the last gemm's launch call ran 4 us before it started: the host was late, not the GPU
+    assert idle["pairs"][0]["launch_lag_us"] == 4 and idle["pairs"][1]["launch_lag_us"] is None
     result = {"variant": "chronicals", "status": "ok", "categories": {c: {"ms": 1.0, "count": 1} for c in profile_step.CATEGORIES},
               "kernel_ms": 1.0, "top": [], "idle_gpu_only": idle, "compiler": "inductor", "wall_ms": 0.2,
               "wall_profiled_ms": 0.3, "busy_ms": 0.1, "gap_ms": 0.1, "gap_profiled_ms": 0.2,
@@ -144,7 +151,7 @@ def test_gpu_only_idle_reads_kernels_and_renders_its_table():
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
     title = next(t for t in sections if t.startswith("GPU idle by neighbouring kernels, CUDA-only trace: chronicals"))
-    assert "| CatArrayBatchedCopy | quack_gemm |" in sections[title]
+    assert "| CatArrayBatchedCopy | quack_gemm | 0.02 | 3 | 3 | 15 | 4 |" in sections[title]
     clocks = sections[next(t for t in sections if t.startswith("Clocks by run"))]
     assert "| chronicals | unprofiled | 1675 | 568 | 30 |" in clocks and "| profiled | 1980 |" in clocks
     assert "cuda_only" not in clocks  # a run without samples (no nvidia-smi) gives no row
