@@ -23,8 +23,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def host_us(fn, calls: int = 200) -> float:
-    """Median-free mean host time of ``fn()`` over ``calls`` calls, the GPU held busy meanwhile."""
+CALLS = 40
+
+
+def host_us(fn, calls: int = CALLS) -> float:
+    """Mean host time of ``fn()`` over ``calls`` calls, the GPU held busy meanwhile.
+
+    Few calls: CUDA's launch queue holds about a thousand launches, and once it is full a launch
+    waits for the GPU (session 14's 200 calls of the MLP backward, ~8 launches each, measured the
+    sleep kernel: 5.7 ms a call)."""
     import torch
 
     for _ in range(3):
@@ -71,6 +78,8 @@ def main(argv=None) -> int:
         ("quack_gated_gemm.gated_backward (QuACK's call)",
          lambda: quack_gated_gemm.gated_backward(dy, wd, preact, "swiglu")),
         ("chronicals::gated_mlp forward (the op)", lambda: torch.ops.chronicals.gated_mlp(x, wg, wu, wd, "swiglu")),
+        ("the op's body alone (no dispatcher, no custom_op layers)",
+         lambda: gm.gated_mlp._init_fn(x, wg, wu, wd, "swiglu")),
         ("chronicals::gated_mlp_backward (the op)",
          lambda: torch.ops.chronicals.gated_mlp_backward(dy, x, preact, wg, wu, wd, "swiglu", [True] * 4)),
         ("SDPA cuDNN causal, enable_gqa (Qwen0.5B layer)",
@@ -91,7 +100,7 @@ def main(argv=None) -> int:
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
     env = common.environment("cuda")
     sections = [("", f"Command: `python benchmarks/bench_host_overhead.py {' '.join(sys.argv[1:])}`"),
-                ("Host time per call (mean of 200, GPU held busy by a sleep kernel)", common.markdown_table(table)),
+                (f"Host time per call (mean of {CALLS}, GPU held busy by a sleep kernel)", common.markdown_table(table)),
                 ("cProfile of 100 calls of gated_forward (by own time; 100 calls)", "```\n" + buf.getvalue() + "\n```")]
     path = common.write_markdown(os.path.join(args.out, "host_overhead.md"), "Host overhead per op", env, sections)
     print(buf.getvalue()[:6000])

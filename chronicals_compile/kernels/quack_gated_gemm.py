@@ -51,7 +51,9 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
                                           "the MLP") or _import_reason())
 
 
+@functools.cache
 def _interface():
+    """QuACK's entry points, imported once: the op calls them twice a layer."""
     from quack.gemm_config import GemmConfig
     from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned
 
