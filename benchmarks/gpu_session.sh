@@ -47,6 +47,7 @@
 #   saved-lora=200  LoRA r=32 (bf16 adapters), 4 of Qwen0.5B's layers at 8x2048: what the forward holds for
 #                   backward by shape, and the forward's and backward's peaks, with and without lora_linear
 #   profile=120     profiler breakdown, inductor vs chronicals
+#   forward-host=240  cProfile of the compiled training forward, inductor vs chronicals (bench_forward_host.py)
 #   host-overhead=120  host time per call of a layer's ops, GPU busy (bench_host_overhead.py); cProfile of QuACK's call
 #   profile-lora=180  the same for LoRA r=32 with bf16 adapters
 #   micro=400       kernel-only microbenchmarks of rms_norm, add_rms_norm, swiglu, rope
@@ -147,6 +148,7 @@ for stage in "${stages[@]}"; do
            --variants eager,inductor,liger,chronicals 2>&1 | grep "^e2e:\|^|" ;;
     saved-lora) timeout "${secs:-200}" python3 benchmarks/saved_activations.py --device cuda --layers 4 --batch 8 --seq 2048 \
            --lora-r 32 --variants chronicals,chronicals-no-lora-linear 2>&1 | grep -v Warning | tee "$OUT/saved_lora.md" | tail -14 ;;
+    forward-host) timeout "${secs:-240}" python3 benchmarks/bench_forward_host.py --out "$OUT" 2>&1 | grep -v Warning | tail -120 ;;
     host-overhead) timeout "${secs:-120}" python3 benchmarks/bench_host_overhead.py --out "$OUT" 2>&1 | grep -v Warning | tail -60 ;;
     profile) timeout "${secs:-120}" python3 benchmarks/profile_step.py --commit "$COMMIT" --out "$OUT" --name profile \
            --variants "${PROFILE_VARIANTS:-inductor,chronicals}" 2>&1 | grep -v Warning | tail -30 ;;
