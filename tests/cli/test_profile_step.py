@@ -50,8 +50,8 @@ def test_classify_gpu_kernel_names(name, category):
 
 
 def test_analyse_cuda_trace_busy_is_the_union_of_kernel_intervals():
-    def ev(name, ts, dur, cat="kernel", corr=None):
-        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+    def ev(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
 
     trace = {"traceEvents": [
         ev("nvjet_tst_128x256", 0, 10), ev("triton_poi_fused_add_0", 5, 10),  # overlap (two streams)
