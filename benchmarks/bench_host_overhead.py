@@ -79,7 +79,7 @@ def main(argv=None) -> int:
          lambda: quack_gated_gemm.gated_backward(dy, wd, preact, "swiglu")),
         ("chronicals::gated_mlp forward (the op)", lambda: torch.ops.chronicals.gated_mlp(x, wg, wu, wd, "swiglu")),
         ("the op's body alone (no dispatcher, no custom_op layers)",
-         lambda: gm.gated_mlp._init_fn(x, wg, wu, wd, "swiglu")),
+         lambda: gm.gated_mlp(x, wg, wu, wd, "swiglu")),
         ("chronicals::gated_mlp_backward (the op)",
          lambda: torch.ops.chronicals.gated_mlp_backward(dy, x, preact, wg, wu, wd, "swiglu", [True] * 4)),
         ("SDPA cuDNN causal, enable_gqa (Qwen0.5B layer)",

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import quack_gated_gemm
+from .registration import define_op
 from .swiglu import GELU_TANH, SILU, _act_and_grad
 
 _CODES = {"swiglu": SILU, "geglu": GELU_TANH}
@@ -81,7 +82,6 @@ def _postact(preact: Tensor, activation: str) -> Tensor:
     return (value * pairs[..., 1]).to(preact.dtype)
 
 
-@torch.library.custom_op("chronicals::gated_mlp", mutates_args=())
 def gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """``(y, preact)``: the MLP's output and the interleaved gate/up outputs kept for backward."""
     _check(x, w_gate, w_up, w_down, activation)
@@ -97,8 +97,7 @@ def gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, activatio
     return y.reshape(*x.shape[:-1], w_down.shape[0]), preact
 
 
-@gated_mlp.register_fake
-def _(x, w_gate, w_up, w_down, activation):
+def _gated_mlp_fake(x, w_gate, w_up, w_down, activation):
     rows = 1
     for size in x.shape[:-1]:
         rows = rows * size
@@ -116,7 +115,6 @@ def _dpreact_reference(dh: Tensor, preact: Tensor, activation: str) -> tuple[Ten
     return dpre.to(preact.dtype), (value * u).to(preact.dtype)
 
 
-@torch.library.custom_op("chronicals::gated_mlp_backward", mutates_args=())
 def gated_mlp_backward(grad: Tensor, x: Tensor, preact: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
                        activation: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``needs``: (x, w_gate, w_up, w_down); a gradient not needed comes back empty."""
@@ -142,8 +140,7 @@ def gated_mlp_backward(grad: Tensor, x: Tensor, preact: Tensor, w_gate: Tensor, 
     return dx, dwg, dwu, dwd
 
 
-@gated_mlp_backward.register_fake
-def _(grad, x, preact, w_gate, w_up, w_down, activation, needs):
+def _gated_mlp_backward_fake(grad, x, preact, w_gate, w_up, w_down, activation, needs):
     need_x, need_gate, need_up, need_down = needs
 
     def like(t, need):
@@ -168,8 +165,11 @@ def _backward(ctx, grad_y: Tensor, grad_preact):
             y = gated_mlp_reference(x, w_gate, w_up, w_down, ctx.activation)
             got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
         return (*(next(got) if n else None for n in needs), None)
-    grads = gated_mlp_backward(grad_y, x, preact, w_gate, w_up, w_down, ctx.activation, needs)
+    grads = _BACKWARD_OP(grad_y, x, preact, w_gate, w_up, w_down, ctx.activation, needs)
     return (*(g if n else None for g, n in zip(grads, needs)), None)
 
 
-gated_mlp.register_autograd(_backward, setup_context=_setup_context)
+# Library-defined, not custom_op: this op is called 24 times a forward and its backward 24 times
+# a backward, and custom_op's per-call Python layers cost the host time (ops/registration.py).
+_BACKWARD_OP = define_op("chronicals::gated_mlp_backward", gated_mlp_backward, fake=_gated_mlp_backward_fake)
+define_op("chronicals::gated_mlp", gated_mlp, fake=_gated_mlp_fake, backward=_backward, setup_context=_setup_context)
