@@ -63,7 +63,7 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat", "chronicals-autotune-gemm",
             "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs",
             "chronicals-concat-cudagraphs", "inductor-cudagraphs", "chronicals-fa4", "chronicals-fa4-cudagraphs",
-            "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce")
+            "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
@@ -104,6 +104,8 @@ VARIANT_ENV = {
     # QuACK's cross-entropy row kernel after each chunk's GEMM: one read of the chunk instead of two
     "chronicals-quack-ce": {"CHRONICALS_CCE_ROWS": "quack"},  # the default since session 18
     "chronicals-triton-ce": {"CHRONICALS_CCE_ROWS": "triton"},  # our row kernel, the default before
+    # QuACK's gated GEMMs through its public call each time, as before session 20's direct launch
+    "chronicals-quack-public": {"CHRONICALS_QUACK_LAUNCH": "public"},
     # cut cross-entropy recomputing in backward over vocabulary slices (about 0.3 GiB extra)
     "chronicals-lowmem": {"CHRONICALS_CCE_MODE": "recompute", "CHRONICALS_CCE_BACKWARD": "vocab"},
     # cce_mode="lean": vocabulary slices no wider than the hidden size (the least extra memory)

@@ -21,7 +21,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import cute_dsl_device
+from . import cute_dsl_device, quack_direct_launch
 
 #: The activations QuACK's gated epilogues compute, by our op's names (QuACK's "geglu" is the
 #: tanh approximation, as Gemma's ``gelu_pytorch_tanh``).
@@ -53,31 +53,51 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 @functools.cache
 def _interface():
-    """QuACK's entry points, imported once: the op calls them twice a layer."""
+    """QuACK's entry points and our two configs, made once: the op calls them twice a layer."""
     from quack.gemm_config import GemmConfig
-    from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned
+    from quack.gemm_interface import default_config, gemm_dgated_tuned, gemm_gated_tuned
 
-    return gemm_gated_tuned, gemm_dgated_tuned, GemmConfig
+    return gemm_gated_tuned, gemm_dgated_tuned, GemmConfig(**_BACKWARD_TILE), default_config
+
+
+@functools.cache
+def _forward_config(device: torch.device):
+    return _interface()[3](device)
 
 
 def gated_forward(x2: Tensor, w_interleaved: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """``preact = x2 @ w_interleaved.T`` ([M, 2F], gate and up columns interleaved) and
     ``postact = act(gate) * up`` ([M, F]) from one GEMM; both in ``x2``'s dtype."""
-    gemm_gated, _, _ = _interface()
+    gemm_gated = _interface()[0]
     m, f2 = x2.shape[0], w_interleaved.shape[0]
     preact = torch.empty((m, f2), dtype=x2.dtype, device=x2.device)
     postact = torch.empty((m, f2 // 2), dtype=x2.dtype, device=x2.device)
-    gemm_gated.fn(x2, w_interleaved.t(), preact, postact, activation=activation, config=None)
+    config = _forward_config(x2.device)
+
+    def public() -> None:
+        gemm_gated.fn(x2, w_interleaved.t(), preact, postact, activation=activation, config=config)
+
+    if quack_direct_launch.enabled():
+        quack_direct_launch.gated_forward(x2, w_interleaved, preact, postact, activation, config, public)
+    else:
+        public()
     return preact, postact
 
 
 def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """``dpreact`` ([M, 2F], interleaved like ``preact``) of ``(dy2 @ w_down)`` through the gated
     activation, and the recomputed ``postact`` ([M, F]) the down projection's weight gradient reads."""
-    _, gemm_dgated, config = _interface()
+    _, gemm_dgated, config, _ = _interface()
     m, f = dy2.shape[0], w_down.shape[1]
     dpreact = torch.empty((m, 2 * f), dtype=dy2.dtype, device=dy2.device)
     postact = torch.empty((m, f), dtype=preact.dtype, device=dy2.device)
-    gemm_dgated.fn(dy2, w_down, preact, dpreact, postact, activation=activation, dynamic_scheduler=True,
-                   config=config(**_BACKWARD_TILE))
+
+    def public() -> None:
+        gemm_dgated.fn(dy2, w_down, preact, dpreact, postact, activation=activation, dynamic_scheduler=True,
+                       config=config)
+
+    if quack_direct_launch.enabled() and preact.dtype == dy2.dtype and w_down.is_contiguous():
+        quack_direct_launch.gated_backward(dy2, w_down, preact, dpreact, postact, activation, config, public)
+    else:
+        public()
     return dpreact, postact

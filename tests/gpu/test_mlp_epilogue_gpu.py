@@ -53,3 +53,26 @@ def test_compiled_bf16_model_trains_like_eager():
     base = tiny_model("qwen2", layers=2, hidden=256, heads=4, kv_heads=2, intermediate=704, vocab=512).cuda()
     batch = {k: v.cuda() for k, v in random_batch(seq=128, vocab=512).items()}
     assert_compiled_half_step_matches_float64(base, batch, swaps={"mlp_epilogue": 2}, options=None)
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_direct_launch_is_kept_and_matches_the_public_call(dtype, monkeypatch):
+    """The direct launch (kernels/quack_direct_launch.py) passed its first-launch comparison with
+    QuACK's public call for both GEMMs, and later calls still agree with it bit for bit."""
+    from chronicals_compile.kernels import quack_direct_launch
+
+    x = torch.randn(1000, 256, device="cuda", dtype=dtype)
+    wg, wu = (torch.randn(512, 256, device="cuda", dtype=dtype) * 0.05 for _ in range(2))
+    wd = torch.randn(256, 512, device="cuda", dtype=dtype) * 0.05
+    dy = torch.randn(1000, 256, device="cuda", dtype=dtype)
+    w1 = torch.stack([wg, wu], dim=1).reshape(1024, 256)
+    for _ in range(2):  # the first call decides, the second runs the direct path alone
+        preact, postact = quack_gated_gemm.gated_forward(x, w1, "swiglu")
+        dpre, post_b = quack_gated_gemm.gated_backward(dy, wd, preact, "swiglu")
+    for kind in ("forward", "backward"):
+        assert isinstance(quack_direct_launch._LAUNCHES.get((kind, dtype, "swiglu", x.device.index)),
+                          quack_direct_launch._Launch), kind
+    monkeypatch.setenv("CHRONICALS_QUACK_LAUNCH", "public")
+    preact_p, postact_p = quack_gated_gemm.gated_forward(x, w1, "swiglu")
+    dpre_p, post_bp = quack_gated_gemm.gated_backward(dy, wd, preact_p, "swiglu")
+    for ours, theirs in ((preact, preact_p), (postact, postact_p), (dpre, dpre_p), (post_b, post_bp)):
+        assert torch.equal(ours, theirs)
