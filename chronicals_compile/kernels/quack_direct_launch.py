@@ -40,13 +40,12 @@ class _Launch:
 _LAUNCHES: dict[tuple, _Launch | None] = {}
 
 
-def enabled() -> bool:
-    return os.environ.get("CHRONICALS_QUACK_LAUNCH", "direct") != "public"
-
-
-def _dense(*tensors: Tensor) -> bool:
-    """The views below are written for contiguous tensors; anything else takes the public call."""
-    return all(t.is_contiguous() for t in tensors)
+def _eligible(*tensors: Tensor) -> bool:
+    """The views below are written for contiguous tensors of one dtype; anything else, or
+    ``CHRONICALS_QUACK_LAUNCH=public``, takes the public call."""
+    dtype = tensors[0].dtype
+    return (os.environ.get("CHRONICALS_QUACK_LAUNCH", "direct") != "public"
+            and all(t.is_contiguous() and t.dtype == dtype for t in tensors))
 
 
 def _as3d(t: Tensor, shape: tuple[int, int], strides: tuple[int, int], batch_stride: int) -> Tensor:
@@ -151,7 +150,7 @@ def _first_launch(key: tuple, build: Callable[[], _Launch], run_direct: Callable
 def gated_forward(x2: Tensor, w1: Tensor, preact: Tensor, postact: Tensor, activation: str,
                   config: Any, public: Callable[[], None]) -> None:
     key = ("forward", x2.dtype, activation, x2.device.index)
-    launch = _LAUNCHES.get(key, False) if _dense(x2, w1, preact, postact) else None
+    launch = _LAUNCHES.get(key, False) if _eligible(x2, w1, preact, postact) else None
     if launch:
         _forward_direct(launch, x2, w1, preact, postact)
     elif launch is None:
@@ -164,7 +163,7 @@ def gated_forward(x2: Tensor, w1: Tensor, preact: Tensor, postact: Tensor, activ
 def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, dpreact: Tensor, postact: Tensor,
                    activation: str, config: Any, public: Callable[[], None]) -> None:
     key = ("backward", dy2.dtype, activation, dy2.device.index)
-    launch = _LAUNCHES.get(key, False) if _dense(dy2, w_down, preact, dpreact, postact) else None
+    launch = _LAUNCHES.get(key, False) if _eligible(dy2, w_down, preact, dpreact, postact) else None
     if launch:
         _backward_direct(launch, dy2, w_down, preact, dpreact, postact)
     elif launch is None:

@@ -53,16 +53,18 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 @functools.cache
 def _interface():
-    """QuACK's entry points and our two configs, made once: the op calls them twice a layer."""
+    """QuACK's entry points and the backward's config, made once: the op calls them twice a layer."""
     from quack.gemm_config import GemmConfig
-    from quack.gemm_interface import default_config, gemm_dgated_tuned, gemm_gated_tuned
+    from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned
 
-    return gemm_gated_tuned, gemm_dgated_tuned, GemmConfig(**_BACKWARD_TILE), default_config
+    return gemm_gated_tuned, gemm_dgated_tuned, GemmConfig(**_BACKWARD_TILE)
 
 
 @functools.cache
 def _forward_config(device: torch.device):
-    return _interface()[3](device)
+    from quack.gemm_interface import default_config
+
+    return default_config(device)
 
 
 def gated_forward(x2: Tensor, w_interleaved: Tensor, activation: str) -> tuple[Tensor, Tensor]:
@@ -77,17 +79,14 @@ def gated_forward(x2: Tensor, w_interleaved: Tensor, activation: str) -> tuple[T
     def public() -> None:
         gemm_gated.fn(x2, w_interleaved.t(), preact, postact, activation=activation, config=config)
 
-    if quack_direct_launch.enabled():
-        quack_direct_launch.gated_forward(x2, w_interleaved, preact, postact, activation, config, public)
-    else:
-        public()
+    quack_direct_launch.gated_forward(x2, w_interleaved, preact, postact, activation, config, public)
     return preact, postact
 
 
 def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """``dpreact`` ([M, 2F], interleaved like ``preact``) of ``(dy2 @ w_down)`` through the gated
     activation, and the recomputed ``postact`` ([M, F]) the down projection's weight gradient reads."""
-    _, gemm_dgated, config, _ = _interface()
+    _, gemm_dgated, config = _interface()
     m, f = dy2.shape[0], w_down.shape[1]
     dpreact = torch.empty((m, 2 * f), dtype=dy2.dtype, device=dy2.device)
     postact = torch.empty((m, f), dtype=preact.dtype, device=dy2.device)
@@ -96,8 +95,5 @@ def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, activation: str)
         gemm_dgated.fn(dy2, w_down, preact, dpreact, postact, activation=activation, dynamic_scheduler=True,
                        config=config)
 
-    if quack_direct_launch.enabled() and preact.dtype == dy2.dtype and w_down.is_contiguous():
-        quack_direct_launch.gated_backward(dy2, w_down, preact, dpreact, postact, activation, config, public)
-    else:
-        public()
+    quack_direct_launch.gated_backward(dy2, w_down, preact, dpreact, postact, activation, config, public)
     return dpreact, postact
