@@ -63,7 +63,8 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-lora-linear", "chronicals-lora-fused", "chronicals-noconcat", "chronicals-autotune-gemm",
             "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs",
             "chronicals-concat-cudagraphs", "inductor-cudagraphs", "chronicals-fa4", "chronicals-fa4-cudagraphs",
-            "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public")
+            "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public",
+            "chronicals-concat-kv")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
@@ -80,6 +81,7 @@ VARIANT_ENABLE = {
     "chronicals-rope": ["rope"], "chronicals-rope-cudagraphs": ["rope"], "chronicals-gqa": ["gqa_attention"],
     "chronicals-concat": ["concat_linear"],  # q/k/v and gate/up (and LoRA's lora_A) as one GEMM each
     "chronicals-concat-cudagraphs": ["concat_linear"],
+    "chronicals-concat-kv": ["concat_linear"],  # with CHRONICALS_CONCAT_NARROW=1: k/v only, q apart
     "chronicals-lora-linear": ["lora_linear"],  # LoRA's wide projections: base and adapter in one GEMM
     "chronicals-lora-fused": ["lora_linear", "concat_linear"],
     "chronicals-fa4": ["flash_attention"],  # flash-attn-4's kernels instead of cuDNN's SDPA
@@ -106,6 +108,7 @@ VARIANT_ENV = {
     "chronicals-triton-ce": {"CHRONICALS_CCE_ROWS": "triton"},  # our row kernel, the default before
     # QuACK's gated GEMMs through its public call each time, as before session 20's direct launch
     "chronicals-quack-public": {"CHRONICALS_QUACK_LAUNCH": "public"},
+    "chronicals-concat-kv": {"CHRONICALS_CONCAT_NARROW": "1"},
     # cut cross-entropy recomputing in backward over vocabulary slices (about 0.3 GiB extra)
     "chronicals-lowmem": {"CHRONICALS_CCE_MODE": "recompute", "CHRONICALS_CCE_BACKWARD": "vocab"},
     # cce_mode="lean": vocabulary slices no wider than the hidden size (the least extra memory)

@@ -36,6 +36,7 @@ run in fp32 beside bf16 experts).
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import torch
@@ -48,6 +49,10 @@ from .graph_utils import (SDPA, NoMatch, arg, describe, erase_dead, is_noop_cast
 
 NAME = "concat_linear"
 _ids = itertools.count(1)
+
+#: Experiment (session 21): fuse only the linears narrower than their input (GQA's k and v, whose
+#: 128-column GEMMs run at a third of peak), leaving q (as wide as its input) a GEMM of its own.
+NARROW_ONLY = os.environ.get("CHRONICALS_CONCAT_NARROW", "0") == "1"
 
 
 def _linear_readers(x: fx.Node) -> list[fx.Node]:
@@ -150,6 +155,8 @@ def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
             groups.setdefault(key, []).append(linear)
     found, refused = [], []
     for members in (run for group in groups.values() for run in regime_runs(group)):
+        if NARROW_ONLY:
+            members = [m for m in members if meta(arg(m, 1, "weight")).shape[0] < x.shape[-1]]
         if len(members) < 2:
             continue
         operands = [m for lin in members for m in (arg(lin, 1, "weight"), arg(lin, 2, "bias")) if m is not None]
