@@ -81,7 +81,7 @@ VARIANT_ENABLE = {
     "chronicals-rope": ["rope"], "chronicals-rope-cudagraphs": ["rope"], "chronicals-gqa": ["gqa_attention"],
     "chronicals-concat": ["concat_linear"],  # q/k/v and gate/up (and LoRA's lora_A) as one GEMM each
     "chronicals-concat-cudagraphs": ["concat_linear"],
-    "chronicals-concat-kv": ["concat_linear"],  # with CHRONICALS_CONCAT_NARROW=1: k/v only, q apart
+    "chronicals-concat-kv": ["concat_narrow_linear"],  # k/v as one GEMM, q apart
     "chronicals-lora-linear": ["lora_linear"],  # LoRA's wide projections: base and adapter in one GEMM
     "chronicals-lora-fused": ["lora_linear", "concat_linear"],
     "chronicals-fa4": ["flash_attention"],  # flash-attn-4's kernels instead of cuDNN's SDPA
@@ -108,7 +108,6 @@ VARIANT_ENV = {
     "chronicals-triton-ce": {"CHRONICALS_CCE_ROWS": "triton"},  # our row kernel, the default before
     # QuACK's gated GEMMs through its public call each time, as before session 20's direct launch
     "chronicals-quack-public": {"CHRONICALS_QUACK_LAUNCH": "public"},
-    "chronicals-concat-kv": {"CHRONICALS_CONCAT_NARROW": "1"},
     # cut cross-entropy recomputing in backward over vocabulary slices (about 0.3 GiB extra)
     "chronicals-lowmem": {"CHRONICALS_CCE_MODE": "recompute", "CHRONICALS_CCE_BACKWARD": "vocab"},
     # cce_mode="lean": vocabulary slices no wider than the hidden size (the least extra memory)

@@ -13,7 +13,8 @@ PREFIX = "chronicals."
 
 #: Pattern names, as reported by ``explain`` and accepted by ``disable``.
 PATTERNS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy", "causal_mask", "gqa_attention",
-            "gate_recompute", "concat_linear", "lora_linear", "mlp_epilogue", "flash_attention")
+            "gate_recompute", "concat_linear", "lora_linear", "mlp_epilogue", "flash_attention",
+            "concat_narrow_linear")
 
 LogitsPolicy = Literal["auto", "drop", "detach", "keep"]
 
@@ -41,6 +42,7 @@ OFF_BY_DEFAULT = {
                      "full fine-tuning 2.9% slower with q/k/v fused (session 13, 1f124c8; neutral with "
                      "CUDA graphs), LoRA 0.7% slower "
                      "(benchmarks/results/2026-12-02-h200-session7/call2/e2e_concat.md, call4/e2e_lora_bf16.md)",
+    "concat_narrow_linear": "new in session 21, not yet measured in the step on a GPU",
 }
 
 #: Patterns never applied on CUDA, even when enabled: the reason names what goes wrong there.

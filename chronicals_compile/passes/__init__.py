@@ -23,10 +23,11 @@ log = logging.getLogger("chronicals_compile")
 #: Order matters: later passes see the earlier ones' ops (e.g. CE after norms); lora_linear before
 #: the MLP passes (they read its output like a linear's); flash_attention after the two that
 #: leave SDPA causal and grouped; mlp_epilogue before swiglu and
-#: gate_recompute (they would take its activation); concat_linear last, since the others match a
-#: projection by its own ``linear``.
+#: gate_recompute (they would take its activation); concat_linear and concat_narrow_linear last,
+#: since the others match a projection by its own ``linear``.
 PASS_MODULES = ("causal_mask", "gqa_attention", "flash_attention", "rms_norm", "add_rms_norm", "lora_linear",
-                "mlp_epilogue", "swiglu", "gate_recompute", "rope", "linear_cross_entropy", "concat_linear")
+                "mlp_epilogue", "swiglu", "gate_recompute", "rope", "linear_cross_entropy", "concat_linear",
+                "concat_narrow_linear")
 
 
 @dataclasses.dataclass

@@ -36,8 +36,7 @@ run in fp32 beside bf16 experts).
 from __future__ import annotations
 
 import itertools
-import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -49,10 +48,6 @@ from .graph_utils import (SDPA, NoMatch, arg, describe, erase_dead, is_noop_cast
 
 NAME = "concat_linear"
 _ids = itertools.count(1)
-
-#: Experiment (session 21): fuse only the linears narrower than their input (GQA's k and v, whose
-#: 128-column GEMMs run at a third of peak), leaving q (as wide as its input) a GEMM of its own.
-NARROW_ONLY = os.environ.get("CHRONICALS_CONCAT_NARROW", "0") == "1"
 
 
 def _linear_readers(x: fx.Node) -> list[fx.Node]:
@@ -141,7 +136,9 @@ def is_anchor(node: fx.Node) -> bool:
     return len(node.users) >= 2 or (len(node.users) == 1 and is_noop_cast_of(next(iter(node.users)), node))
 
 
-def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
+def match(node: fx.Node, ctx=None, keep: Callable[[fx.Node, torch.Tensor], bool] | None = None
+          ) -> tuple[fx.Node, list[list[fx.Node]]]:
+    """``keep(linear, x)``: which linears reading ``x`` may join a group (all when None)."""
     readers = _linear_readers(node)
     if len(readers) < 2:
         raise NoMatch("fewer than two linears read this value", quiet=True)
@@ -155,8 +152,8 @@ def match(node: fx.Node, ctx=None) -> tuple[fx.Node, list[list[fx.Node]]]:
             groups.setdefault(key, []).append(linear)
     found, refused = [], []
     for members in (run for group in groups.values() for run in regime_runs(group)):
-        if NARROW_ONLY:
-            members = [m for m in members if meta(arg(m, 1, "weight")).shape[0] < x.shape[-1]]
+        if keep is not None:
+            members = [m for m in members if keep(m, x)]
         if len(members) < 2:
             continue
         operands = [m for lin in members for m in (arg(lin, 1, "weight"), arg(lin, 2, "bias")) if m is not None]
@@ -240,12 +237,12 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node], tag: bool) -> 
     return fused
 
 
-def rewrite(gm: fx.GraphModule, found: tuple[fx.Node, list[list[fx.Node]]], ctx) -> fx.Node:
+def rewrite(gm: fx.GraphModule, found: tuple[fx.Node, list[list[fx.Node]]], ctx, name: str = NAME) -> fx.Node:
     x, groups = found
     # tags only in the root graph: a checkpointed body is recomputed whole already
     tag = ctx is None or gm.graph is ctx.root.graph
     fused = [_fuse(gm, x, members, tag) for members in groups]
     for extra in fused[1:]:
         if ctx is not None:
-            ctx.swap(NAME, describe(extra))
+            ctx.swap(name, describe(extra))
     return fused[0]
