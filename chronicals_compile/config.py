@@ -42,7 +42,8 @@ OFF_BY_DEFAULT = {
                      "full fine-tuning 2.9% slower with q/k/v fused (session 13, 1f124c8; neutral with "
                      "CUDA graphs), LoRA 0.7% slower "
                      "(benchmarks/results/2026-12-02-h200-session7/call2/e2e_concat.md, call4/e2e_lora_bf16.md)",
-    "concat_narrow_linear": "new in session 21, not yet measured in the step on a GPU",
+    "concat_narrow_linear": "within the spread in the Qwen0.5B 8x2048 step on an H100: +0.6% and -1.0% in two "
+                            "runs (benchmarks/results/2026-12-06-h100-session21)",
 }
 
 #: Patterns never applied on CUDA, even when enabled: the reason names what goes wrong there.

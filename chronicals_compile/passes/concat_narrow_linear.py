@@ -8,6 +8,9 @@ TFLOP/s against 550-700 for the rest (H100, benchmarks/results/2026-12-06-h100-s
 narrow side. q, as wide as its input, already runs near peak and keeps its own GEMM, so the pieces
 to gather stay small: fusing q/k/v whole (``concat_linear``) was no faster in the step.
 
+Off by default: in that step it was within the spread (+0.6% and -1.0% in two runs on one H100,
+benchmarks/results/2026-12-06-h100-session21).
+
 How: ``concat_linear``'s matcher and rewrite, keeping only linears whose output is narrower than
 their input; everything that pass leaves alone (mixed dtypes, frozen beside trainable, views a
 column slice does not allow) this one leaves alone too. It runs after ``concat_linear``: with both on,
