@@ -109,7 +109,8 @@ def main() -> None:
                 same = "reference"
             else:
                 same = str(torch.equal(dpre, reference[0]) and torch.equal(post, reference[1]))
-            print(f"| {label} | {"QuACK's" if c is None else c} | {ms:.4f} | {flops / ms / 1e9:.0f} | "
+            stages = "QuACK's" if c is None else c
+            print(f"| {label} | {stages} | {ms:.4f} | {flops / ms / 1e9:.0f} | "
                   f"{bytes_moved / ms / 1e6:.0f} | {same} |", flush=True)
         GemmSm90._compute_stages = original
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, M={M} K={K} N={N}, bf16, swiglu")
