@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("QUACK_CACHE_ENABLED", "0")  # each stage count compiles afresh (one cache key)
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 M, K, N = 16384, 896, 4864  # rows, hidden, intermediate (Qwen2.5-0.5B at 8 x 2048)
 TILES = {
@@ -58,18 +62,6 @@ def _stages_with(c_stages: int | None):
     return classmethod(compute)
 
 
-def _time(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--c-stages", default="2,4,6,8")
@@ -100,7 +92,7 @@ def main() -> None:
                 gemm_dgated_tuned.fn(dy, w_down, preact, dpre, post, activation="swiglu",
                                      dynamic_scheduler=True, config=config)
             try:
-                ms = _time(call)
+                ms = common.do_bench_ms(call)
             except Exception as err:  # noqa: BLE001 - a stage count that does not fit is a row, not a crash
                 print(f"| {label} | {c} | failed: {type(err).__name__}: {str(err)[:80]} | | | |", flush=True)
                 continue
@@ -110,8 +102,8 @@ def main() -> None:
             else:
                 same = str(torch.equal(dpre, reference[0]) and torch.equal(post, reference[1]))
             stages = "QuACK's" if c is None else c
-            print(f"| {label} | {stages} | {ms:.4f} | {flops / ms / 1e9:.0f} | "
-                  f"{bytes_moved / ms / 1e6:.0f} | {same} |", flush=True)
+            print(f"| {label} | {stages} | {ms:.4f} | {common.tflops(flops, ms):.0f} | "
+                  f"{common.gbps(bytes_moved, ms):.0f} | {same} |", flush=True)
         GemmSm90._compute_stages = original
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, M={M} K={K} N={N}, bf16, swiglu")
 

@@ -14,8 +14,6 @@ LAYERS = 2
 ON = {"enable": ["concat_narrow_linear"]}
 
 
-
-
 @pytest.mark.parametrize("family", ["qwen2", "llama"], ids=["qwen2-kv-bias", "llama-no-bias"])
 def test_kv_fused_q_apart_and_training_unchanged(family):
     model = tiny_model(family, layers=LAYERS, kv_heads=2)  # hidden 64: k, v 32 columns each, q 64
