@@ -64,7 +64,7 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs",
             "chronicals-concat-cudagraphs", "inductor-cudagraphs", "chronicals-fa4", "chronicals-fa4-cudagraphs",
             "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public",
-            "chronicals-concat-kv")
+            "chronicals-concat-kv", "chronicals-dgated-c2")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
@@ -108,6 +108,8 @@ VARIANT_ENV = {
     "chronicals-triton-ce": {"CHRONICALS_CCE_ROWS": "triton"},  # our row kernel, the default before
     # QuACK's gated GEMMs through its public call each time, as before session 20's direct launch
     "chronicals-quack-public": {"CHRONICALS_QUACK_LAUNCH": "public"},
+    # the MLP's backward GEMM with QuACK's own 2-deep C prefetch, as before session 22 (4 by default)
+    "chronicals-dgated-c2": {"CHRONICALS_QUACK_DGATED_C_STAGES": "quack"},
     # cut cross-entropy recomputing in backward over vocabulary slices (about 0.3 GiB extra)
     "chronicals-lowmem": {"CHRONICALS_CCE_MODE": "recompute", "CHRONICALS_CCE_BACKWARD": "vocab"},
     # cce_mode="lean": vocabulary slices no wider than the hidden size (the least extra memory)

@@ -13,6 +13,8 @@ The views are derived from QuACK 0.3.0's code, not taken from it, so the first l
 kind runs QuACK's public call beside ours and compares the outputs bit for bit (same kernel, same
 inputs: they must be equal). If they are not, or a lookup fails (another QuACK version), that kind
 stays on the public call with a warning. ``CHRONICALS_QUACK_LAUNCH=public`` keeps every call on it.
+On Hopper the backward's kernel is QuACK's with a deeper C prefetch (``quack_dgated_prefetch``);
+the same first-launch comparison guards it.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import quack_dgated_prefetch
+
 log = logging.getLogger("chronicals_compile")
 
 
@@ -34,6 +38,7 @@ class _Launch:
     scheduler: Any  # TileSchedulerOptions without a semaphore (forward); a factory (backward)
     max_active_clusters: int = 0
     swizzle: int = 8
+    c_stages: int | None = None  # the backward's C prefetch depth when not QuACK's own (quack_dgated_prefetch)
 
 
 #: (kind, dtype, activation, device index) -> _Launch, or None when that kind stays on the public call.
@@ -90,12 +95,18 @@ def _backward_launch(dy2: Tensor, activation: str, config: Any) -> _Launch:
         raise ValueError("the direct dgated launch is written for the swapped (swap_ab) tile")
     cute = torch2cute_dtype_map[dy2.dtype]
     f32 = torch2cute_dtype_map[torch.float32]
-    kernel = _compile_gemm_dact(cute, cute, f32, f32, cute, cute, "m", "k", "m", "m", "m",
-                                (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
-                                config.pingpong, True, True, activation, None, 0, None, 0, False, False,
-                                get_device_capacity(dy2.device), "dgated")
+    capacity = get_device_capacity(dy2.device)
+    stages = quack_dgated_prefetch.c_stages() if capacity[0] == 9 else None
+    if stages is None:
+        kernel = _compile_gemm_dact(cute, cute, f32, f32, cute, cute, "m", "k", "m", "m", "m",
+                                    (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
+                                    config.pingpong, True, True, activation, None, 0, None, 0, False, False,
+                                    capacity, "dgated")
+    else:
+        kernel = quack_dgated_prefetch.compile_dgated(cute, f32, activation, config, capacity, stages)
     clusters = get_max_active_clusters(config.cluster_m * config.cluster_n)
-    return _Launch(kernel, GemmDGatedMixin.EpilogueArguments, make_scheduler_args, clusters, config.max_swizzle_size)
+    return _Launch(kernel, GemmDGatedMixin.EpilogueArguments, make_scheduler_args, clusters, config.max_swizzle_size,
+                   stages)
 
 
 def _backward_direct(launch: _Launch, dy2: Tensor, w_down: Tensor, preact: Tensor, dpreact: Tensor,
@@ -169,6 +180,7 @@ def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, dpreact: Tensor,
     elif launch is None:
         public()
     else:
+        quack_dgated_prefetch.c_stages()  # a bad setting is the user's error to see, not a quiet fallback
         _first_launch(key, lambda: _backward_launch(dy2, activation, config),
                       lambda la: _backward_direct(la, dy2, w_down, preact, dpreact, postact), public,
                       (dpreact, postact))

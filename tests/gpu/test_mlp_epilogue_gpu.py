@@ -58,7 +58,7 @@ def test_compiled_bf16_model_trains_like_eager():
 def test_direct_launch_is_kept_and_matches_the_public_call(dtype, monkeypatch):
     """The direct launch (kernels/quack_direct_launch.py) passed its first-launch comparison with
     QuACK's public call for both GEMMs, and later calls still agree with it bit for bit."""
-    from chronicals_compile.kernels import quack_direct_launch
+    from chronicals_compile.kernels import quack_dgated_prefetch, quack_direct_launch
 
     x = torch.randn(1000, 256, device="cuda", dtype=dtype)
     wg, wu = (torch.randn(512, 256, device="cuda", dtype=dtype) * 0.05 for _ in range(2))
@@ -71,6 +71,9 @@ def test_direct_launch_is_kept_and_matches_the_public_call(dtype, monkeypatch):
     for kind in ("forward", "backward"):
         assert isinstance(quack_direct_launch._LAUNCHES.get((kind, dtype, "swiglu", x.device.index)),
                           quack_direct_launch._Launch), kind
+    if torch.cuda.get_device_capability()[0] == 9:  # Hopper: the backward runs the deeper C prefetch
+        backward = quack_direct_launch._LAUNCHES[("backward", dtype, "swiglu", x.device.index)]
+        assert backward.c_stages == quack_dgated_prefetch.DEFAULT_C_STAGES
     monkeypatch.setenv("CHRONICALS_QUACK_LAUNCH", "public")
     preact_p, postact_p = quack_gated_gemm.gated_forward(x, w1, "swiglu")
     dpre_p, post_bp = quack_gated_gemm.gated_backward(dy, wd, preact_p, "swiglu")

@@ -114,3 +114,23 @@ def test_non_contiguous_inputs_take_the_public_call():
     direct.gated_forward(x2, torch.randn(8, 16), torch.empty(8, 8), torch.empty(8, 4), "swiglu", None,
                          lambda: calls.append("public"))
     assert calls == ["public"]
+
+
+@pytest.mark.parametrize("value,stages", [(None, 4), ("6", 6), ("quack", None), (" Quack ", None)])
+def test_dgated_c_stages_setting(value, stages, monkeypatch):
+    from chronicals_compile.kernels import quack_dgated_prefetch
+
+    if value is None:
+        monkeypatch.delenv("CHRONICALS_QUACK_DGATED_C_STAGES", raising=False)
+    else:
+        monkeypatch.setenv("CHRONICALS_QUACK_DGATED_C_STAGES", value)
+    assert quack_dgated_prefetch.c_stages() == stages
+
+
+@pytest.mark.parametrize("value", ["0", "four", "-2"])
+def test_bad_dgated_c_stages_setting_names_the_variable(value, monkeypatch):
+    from chronicals_compile.kernels import quack_dgated_prefetch
+
+    monkeypatch.setenv("CHRONICALS_QUACK_DGATED_C_STAGES", value)
+    with pytest.raises(ValueError, match="CHRONICALS_QUACK_DGATED_C_STAGES"):
+        quack_dgated_prefetch.c_stages()
