@@ -10,7 +10,7 @@ memory) helps, before anyone changes the kernel. QuACK's ``_compute_stages`` is 
 process only (the package never does this); every output must equal the unpatched kernel's bit
 for bit.
 
-Usage (GPU with QuACK 0.3.0): python benchmarks/bench_quack_dgated_stages.py [--c-stages 2,4,6,8]
+Usage (GPU with QuACK 0.3.0): python benchmarks/bench_quack_dgated_stages.py [--c-stages 2,4,6,8] [--tiles pinned,...]
 """
 from __future__ import annotations
 
@@ -27,8 +27,13 @@ import common  # noqa: E402
 
 M, K, N = 16384, 896, 4864  # rows, hidden, intermediate (Qwen2.5-0.5B at 8 x 2048)
 TILES = {
-    "pinned (chronicals)": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2, swap_ab=True),
-    "QuACK default": None,
+    "pinned": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2, swap_ab=True),
+    "quack-default": None,
+    # neighbours of the pinned tile that a deeper C prefetch might favour (session 12's autotune ran at 2)
+    "pp128x128-c2x1": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1, swap_ab=True),
+    "pp128x192": dict(tile_m=128, tile_n=192, pingpong=True, cluster_m=1, cluster_n=2, swap_ab=True),
+    "pp192x128": dict(tile_m=192, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2, swap_ab=True),
+    "coop256x128": dict(tile_m=256, tile_n=128, pingpong=False, cluster_m=1, cluster_n=2, swap_ab=True),
 }
 
 
@@ -65,6 +70,7 @@ def _stages_with(c_stages: int | None):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--c-stages", default="2,4,6,8")
+    parser.add_argument("--tiles", default="pinned,quack-default", help=f"comma-separated, of {', '.join(TILES)}")
     args = parser.parse_args()
     from quack import gemm_dact
     from quack.gemm_config import GemmConfig
@@ -79,7 +85,8 @@ def main() -> None:
     flops = 2 * M * N * K
     print(f"| tile | C stages | ms | TFLOP/s | GB/s of its bytes | equal to QuACK's own |\n|---|---|---|---|---|---|")
     original = GemmSm90.__dict__["_compute_stages"]
-    for label, tile in TILES.items():
+    for label in args.tiles.split(","):
+        tile = TILES[label]
         config = GemmConfig(**tile) if tile else default_config(dy.device)
         reference = None
         for c in [None, *(int(s) for s in args.c_stages.split(","))]:

@@ -29,7 +29,8 @@
 #   attention=90    grouped-query attention fwd+bwd: expanded k/v vs enable_gqa, per SDPA backend, and
 #                   flash-attn-4's CuTe-DSL kernels (carried in .qk); errors against float32 math
 #   cce-rows=60     the loss's row kernel alone, ours vs QuACK's, and the fused op with each (bench_cce_rows.py)
-#   dgated-stages=150  QuACK's dgated GEMM by the depth of its epilogue's C prefetch (bench_quack_dgated_stages.py)
+#   dgated-stages=150  QuACK's dgated GEMM by the depth of its epilogue's C prefetch (bench_quack_dgated_stages.py;
+#                   $DGATED_ARGS passes e.g. --tiles pinned,pp128x192 --c-stages 3,4,5)
 #   quack-launch=120  idle time before QuACK's GEMMs: after the interleave, back to back, after a small kernel,
 #                   and the forward under other pinned configs (idle + kernel time)
 #   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
@@ -120,8 +121,8 @@ for stage in "${stages[@]}"; do
            | grep -v Warning | tee "$OUT/lce_chunks.md" | tail -12 ;;
     cce-rows) timeout "${secs:-60}" python3 benchmarks/bench_cce_rows.py 2>&1 | grep -v Warning \
            | tee "$OUT/cce_rows.md" | grep "^|" ;;
-    dgated-stages) timeout "${secs:-150}" python3 benchmarks/bench_quack_dgated_stages.py 2>&1 | grep -v Warning \
-           | tee "$OUT/dgated_stages.md" | tail -14 ;;
+    dgated-stages) timeout "${secs:-150}" python3 benchmarks/bench_quack_dgated_stages.py ${DGATED_ARGS:-} 2>&1 \
+           | grep -v Warning | tee "$OUT/dgated_stages.md" | grep "^|" ;;
     quack-launch) timeout "${secs:-120}" python3 benchmarks/bench_quack_launch.py 2>&1 | grep -v Warning \
            | tee "$OUT/quack_launch.md" | tail -12 ;;
     attention) timeout "${secs:-90}" python3 benchmarks/bench_attention.py ${ATTENTION_ARGS:-} 2>&1 | grep -v Warning \
