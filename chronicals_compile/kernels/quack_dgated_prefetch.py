@@ -78,13 +78,13 @@ def compile_dgated(io_dtype: Any, accum_dtype: Any, activation: str, config: Any
     """The kernel ``_compile_gemm_dact`` builds for ``quack_direct_launch``'s backward (A m-major,
     B k-major, D/C/PostAct m-major, persistent with a tile semaphore, no column vectors, no
     varlen), with ``stages`` C buffers. Hopper only: the caller keeps QuACK's kernel elsewhere."""
+    if capacity[0] != 9:
+        raise ValueError(f"the deep C prefetch is built for Hopper (sm90), not sm{capacity[0]}{capacity[1]}")
     from quack.activation import dgate_fn_map
     from quack.compile_utils import make_fake_tensor
     from quack.gemm_tvm_ffi_utils import (cached_compile, compile_gemm_kernel, div_for_dtype,
                                           make_fake_gemm_tensors, make_fake_scheduler_args)
 
-    if capacity[0] != 9:
-        raise ValueError(f"the deep C prefetch is built for Hopper (sm90), not sm{capacity[0]}{capacity[1]}")
     gemm_cls = _gemm_class(stages)
     tile = (config.tile_m, config.tile_n)
     cluster = (config.cluster_m, config.cluster_n, 1)

@@ -134,3 +134,12 @@ def test_bad_dgated_c_stages_setting_names_the_variable(value, monkeypatch):
     monkeypatch.setenv("CHRONICALS_QUACK_DGATED_C_STAGES", value)
     with pytest.raises(ValueError, match="CHRONICALS_QUACK_DGATED_C_STAGES"):
         quack_dgated_prefetch.c_stages()
+
+
+def test_deep_c_prefetch_refuses_other_than_hopper():
+    """sm100 keeps QuACK's own kernel (the direct launch asks only on capability 9); asked anyway,
+    the compile says why instead of building a Hopper kernel there."""
+    from chronicals_compile.kernels import quack_dgated_prefetch
+
+    with pytest.raises(ValueError, match="Hopper"):
+        quack_dgated_prefetch.compile_dgated(None, None, "swiglu", None, (10, 0), 4)
