@@ -38,10 +38,11 @@ TILES = {
 
 
 def _stages_with(c_stages: int | None):
-    """QuACK 0.3.0's ``GemmSm90._compute_stages`` with ``epi_c_stage`` forced, the A/B and D
-    stages refitted to the shared memory that leaves (None: QuACK's own choice)."""
-    import cutlass.cute as cute
+    """QuACK 0.3.0's ``GemmSm90._compute_stages`` with ``epi_c_stage`` forced: the package's own
+    split (``quack_dgated_prefetch.stage_split``), or QuACK's choice for None."""
     from quack.gemm_sm90 import GemmSm90
+
+    from chronicals_compile.kernels.quack_dgated_prefetch import stage_split
 
     original = GemmSm90.__dict__["_compute_stages"].__func__
 
@@ -50,19 +51,10 @@ def _stages_with(c_stages: int | None):
         if c_stages is None or c_dtype is None:
             return original(cls, cta_tile_shape_mnk, epi_tile, a_dtype, b_dtype, d_dtype, c_dtype, epilogue_args,
                             smem_capacity, occupancy)
-        epi_stage = 4 if epi_tile[1] <= 16 else 2
-        d_bytes = cute.size(epi_tile) * d_dtype.width // 8 if d_dtype is not None else 0
-        epi_bytes_per_stage = d_bytes + cls.epi_smem_bytes_per_stage(epilogue_args, cta_tile_shape_mnk, epi_tile)
-        epi_bytes = epi_bytes_per_stage * epi_stage + cute.size(epi_tile) * c_dtype.width // 8 * c_stages
-        a_shape = cute.slice_(cta_tile_shape_mnk, (None, 0, None))
-        b_shape = cute.slice_(cta_tile_shape_mnk, (0, None, None))
-        ab_bytes = cute.size(a_shape) * a_dtype.width // 8 + cute.size(b_shape) * b_dtype.width // 8
-        remaining = smem_capacity // occupancy - 1024 - epi_bytes
-        ab_stage = remaining // ab_bytes
-        if epi_bytes_per_stage > 0:
-            epi_stage += (remaining - ab_bytes * ab_stage) // epi_bytes_per_stage
-        print(f"  c_stages={c_stages}: ab_stage={ab_stage} epi_stage={epi_stage}", flush=True)
-        return ab_stage, epi_stage, c_stages
+        split = stage_split(cls, cta_tile_shape_mnk, epi_tile, a_dtype, b_dtype, d_dtype, c_dtype, epilogue_args,
+                            smem_capacity, occupancy, c_stages)
+        print(f"  c_stages={c_stages}: ab_stage={split[0]} epi_stage={split[1]}", flush=True)
+        return split
 
     return classmethod(compute)
 

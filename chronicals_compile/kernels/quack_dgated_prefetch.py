@@ -42,33 +42,40 @@ def c_stages() -> int | None:
     return stages
 
 
+def stage_split(cls: type, cta_tile_shape_mnk, epi_tile, a_dtype, b_dtype, d_dtype, c_dtype, epilogue_args,
+                smem_capacity: int, occupancy: int, stages: int) -> tuple[int, int, int]:
+    """QuACK 0.3.0's ``GemmSm90._compute_stages`` arithmetic with ``stages`` C buffers: A/B stages
+    fill what the epilogue's base D stages and the C buffers leave, and D stages take the remainder.
+    ``benchmarks/bench_quack_dgated_stages.py`` times the same split by patching QuACK."""
+    import cutlass.cute as cute
+
+    epi_stage = 4 if epi_tile[1] <= 16 else 2
+    d_bytes = cute.size(epi_tile) * d_dtype.width // 8 if d_dtype is not None else 0
+    epi_bytes_per_stage = d_bytes + cls.epi_smem_bytes_per_stage(epilogue_args, cta_tile_shape_mnk, epi_tile)
+    c_bytes = cute.size(epi_tile) * c_dtype.width // 8 * stages
+    a_shape = cute.slice_(cta_tile_shape_mnk, (None, 0, None))
+    b_shape = cute.slice_(cta_tile_shape_mnk, (0, None, None))
+    ab_bytes = cute.size(a_shape) * a_dtype.width // 8 + cute.size(b_shape) * b_dtype.width // 8
+    remaining = smem_capacity // occupancy - 1024 - epi_bytes_per_stage * epi_stage - c_bytes
+    ab_stage = remaining // ab_bytes
+    if epi_bytes_per_stage > 0:
+        epi_stage += (remaining - ab_bytes * ab_stage) // epi_bytes_per_stage
+    return ab_stage, epi_stage, stages
+
+
 @functools.cache
 def _gemm_class(stages: int) -> type:
-    import cutlass.cute as cute
     from quack.gemm_dact import GemmDGatedSm90
 
     class GemmDGatedDeepCSm90(GemmDGatedSm90):
         @classmethod
         def _compute_stages(cls, cta_tile_shape_mnk, epi_tile, a_dtype, b_dtype, d_dtype, c_dtype,
                             epilogue_args, smem_capacity, occupancy):
-            """QuACK's arithmetic with ``stages`` C buffers: A/B stages fill what the epilogue's base
-            D stages and the C buffers leave, and D stages take the remainder."""
             if c_dtype is None:
                 return super()._compute_stages(cta_tile_shape_mnk, epi_tile, a_dtype, b_dtype, d_dtype,
                                                c_dtype, epilogue_args, smem_capacity, occupancy)
-            epi_stage = 4 if epi_tile[1] <= 16 else 2
-            d_bytes = cute.size(epi_tile) * d_dtype.width // 8 if d_dtype is not None else 0
-            epi_bytes_per_stage = d_bytes + cls.epi_smem_bytes_per_stage(epilogue_args, cta_tile_shape_mnk,
-                                                                         epi_tile)
-            c_bytes = cute.size(epi_tile) * c_dtype.width // 8 * stages
-            a_shape = cute.slice_(cta_tile_shape_mnk, (None, 0, None))
-            b_shape = cute.slice_(cta_tile_shape_mnk, (0, None, None))
-            ab_bytes = cute.size(a_shape) * a_dtype.width // 8 + cute.size(b_shape) * b_dtype.width // 8
-            remaining = smem_capacity // occupancy - 1024 - epi_bytes_per_stage * epi_stage - c_bytes
-            ab_stage = remaining // ab_bytes
-            if epi_bytes_per_stage > 0:
-                epi_stage += (remaining - ab_bytes * ab_stage) // epi_bytes_per_stage
-            return ab_stage, epi_stage, stages
+            return stage_split(cls, cta_tile_shape_mnk, epi_tile, a_dtype, b_dtype, d_dtype, c_dtype,
+                               epilogue_args, smem_capacity, occupancy, stages)
 
     return GemmDGatedDeepCSm90
 

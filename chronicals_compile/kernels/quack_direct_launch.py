@@ -86,7 +86,7 @@ def _forward_direct(launch: _Launch, x2: Tensor, w1: Tensor, preact: Tensor, pos
     launch.kernel(a, b, d, None, epilogue, launch.scheduler, None)
 
 
-def _backward_launch(dy2: Tensor, activation: str, config: Any) -> _Launch:
+def _backward_launch(dy2: Tensor, activation: str, config: Any, c_stages: int | None) -> _Launch:
     from quack.cute_dsl_utils import get_device_capacity, get_max_active_clusters, torch2cute_dtype_map
     from quack.gemm_dact import GemmDGatedMixin, _compile_gemm_dact
     from quack.gemm_tvm_ffi_utils import make_scheduler_args
@@ -96,7 +96,7 @@ def _backward_launch(dy2: Tensor, activation: str, config: Any) -> _Launch:
     cute = torch2cute_dtype_map[dy2.dtype]
     f32 = torch2cute_dtype_map[torch.float32]
     capacity = get_device_capacity(dy2.device)
-    stages = quack_dgated_prefetch.c_stages() if capacity[0] == 9 else None
+    stages = c_stages if capacity[0] == 9 else None  # sm100: QuACK's own kernel
     if stages is None:
         kernel = _compile_gemm_dact(cute, cute, f32, f32, cute, cute, "m", "k", "m", "m", "m",
                                     (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
@@ -180,7 +180,7 @@ def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, dpreact: Tensor,
     elif launch is None:
         public()
     else:
-        quack_dgated_prefetch.c_stages()  # a bad setting is the user's error to see, not a quiet fallback
-        _first_launch(key, lambda: _backward_launch(dy2, activation, config),
+        c_stages = quack_dgated_prefetch.c_stages()  # read outside _first_launch: a bad setting raises
+        _first_launch(key, lambda: _backward_launch(dy2, activation, config, c_stages),
                       lambda la: _backward_direct(la, dy2, w_down, preact, dpreact, postact), public,
                       (dpreact, postact))
