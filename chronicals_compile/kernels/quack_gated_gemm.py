@@ -17,6 +17,7 @@ within noise of these.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -27,11 +28,33 @@ from . import cute_dsl_device, quack_direct_launch
 #: tanh approximation, as Gemma's ``gelu_pytorch_tanh``).
 ACTIVATIONS = ("swiglu", "geglu")
 
-#: Backward tile chosen by QuACK's autotuner at Qwen2.5-0.5B's MLP (16384 x 896 -> 4864) on the
-#: H200: 0.354 ms against its default config's 0.443 (session12/call1/quack_tuned.md). The forward
-#: keeps QuACK's default (128 x 192 ping-pong, cluster 2 x 1: 0.426 ms; the autotuner's pick
-#: measured 0.444 there).
-_BACKWARD_TILE = dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2, swap_ab=True)
+#: Backward tile: 128 x 128 ping-pong, swapped operands, with the thread-block cluster by GPU. On
+#: the H200, QuACK's autotuner chose a 1 x 2 cluster at Qwen2.5-0.5B's MLP (16384 x 896 -> 4864):
+#: 0.337 ms against 2 x 1's 0.352 and QuACK's default config's 0.443
+#: (benchmarks/results/2026-12-03-h200-session12/call1/quack_tuned.md). On the H100 the order is
+#: the other way round: 2 x 1 ran 0.363 ms against 1 x 2's 0.379 with our four C stages, and 0.382
+#: against 0.396 with QuACK's two, every output bit-equal
+#: (benchmarks/results/2026-12-07-h100-session23/call4-dgated_stages.md). The forward keeps QuACK's
+#: default (128 x 192 ping-pong, cluster 2 x 1: 0.426 ms; the autotuner's pick measured 0.444 there).
+_BACKWARD_TILE = dict(tile_m=128, tile_n=128, pingpong=True, swap_ab=True)
+#: (cluster_m, cluster_n) of the backward tile by a substring of the GPU's name; others get the default.
+_BACKWARD_CLUSTER_BY_GPU = {"H100": (2, 1)}
+_BACKWARD_CLUSTER_DEFAULT = (1, 2)
+
+
+def backward_cluster(gpu_name: str) -> tuple[int, int]:
+    """The backward tile's cluster on a GPU of this name. ``CHRONICALS_QUACK_DGATED_CLUSTER=MxN``
+    (``1x2`` or ``2x1``) overrides the table, so a benchmark can time both on one machine."""
+    setting = os.environ.get("CHRONICALS_QUACK_DGATED_CLUSTER", "").strip().lower()
+    if setting:
+        if setting not in ("1x2", "2x1"):
+            raise ValueError(f"CHRONICALS_QUACK_DGATED_CLUSTER must be 1x2 or 2x1, got {setting!r}")
+        m, n = setting.split("x")
+        return int(m), int(n)
+    for part, cluster in _BACKWARD_CLUSTER_BY_GPU.items():
+        if part in gpu_name:
+            return cluster
+    return _BACKWARD_CLUSTER_DEFAULT
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,11 +76,18 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 @functools.cache
 def _interface():
-    """QuACK's entry points and the backward's config, made once: the op calls them twice a layer."""
-    from quack.gemm_config import GemmConfig
+    """QuACK's entry points, imported once: the op calls them twice a layer."""
     from quack.gemm_interface import gemm_dgated_tuned, gemm_gated_tuned
 
-    return gemm_gated_tuned, gemm_dgated_tuned, GemmConfig(**_BACKWARD_TILE)
+    return gemm_gated_tuned, gemm_dgated_tuned
+
+
+@functools.cache
+def _backward_config(device: torch.device):
+    from quack.gemm_config import GemmConfig
+
+    cluster_m, cluster_n = backward_cluster(torch.cuda.get_device_name(device))
+    return GemmConfig(**_BACKWARD_TILE, cluster_m=cluster_m, cluster_n=cluster_n)
 
 
 @functools.cache
@@ -86,7 +116,8 @@ def gated_forward(x2: Tensor, w_interleaved: Tensor, activation: str) -> tuple[T
 def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """``dpreact`` ([M, 2F], interleaved like ``preact``) of ``(dy2 @ w_down)`` through the gated
     activation, and the recomputed ``postact`` ([M, F]) the down projection's weight gradient reads."""
-    _, gemm_dgated, config = _interface()
+    gemm_dgated = _interface()[1]
+    config = _backward_config(dy2.device)
     m, f = dy2.shape[0], w_down.shape[1]
     dpreact = torch.empty((m, 2 * f), dtype=dy2.dtype, device=dy2.device)
     postact = torch.empty((m, f), dtype=preact.dtype, device=dy2.device)

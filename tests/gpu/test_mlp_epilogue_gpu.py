@@ -79,3 +79,38 @@ def test_direct_launch_is_kept_and_matches_the_public_call(dtype, monkeypatch):
     dpre_p, post_bp = quack_gated_gemm.gated_backward(dy, wd, preact_p, "swiglu")
     for ours, theirs in ((preact, preact_p), (postact, postact_p), (dpre, dpre_p), (post_b, post_bp)):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("cluster", ["1x2", "2x1"])
+def test_each_backward_cluster_matches_float64(cluster, monkeypatch):
+    """Both thread-block clusters the backward tile takes by GPU (``backward_cluster``: 1 x 2 on the
+    H200, 2 x 1 on the H100) give d(preact) and the recomputed h of float64 math, through the direct
+    launch with its deep C prefetch, and agree with each other bit for bit (a cluster shares loads
+    between CTAs; it does not change any tile's arithmetic)."""
+    from chronicals_compile.kernels import quack_direct_launch
+    from chronicals_compile.ops.gated_mlp import _dpreact_reference
+
+    torch.manual_seed(0)
+    dy = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
+    wd = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    preact = torch.randn(1000, 1024, device="cuda", dtype=torch.bfloat16)
+    want_dpre, want_h = _dpreact_reference(dy.double() @ wd.double(), preact.double(), "swiglu")
+    results = {}
+    for setting in (cluster, "2x1" if cluster == "1x2" else "1x2"):
+        monkeypatch.setenv("CHRONICALS_QUACK_DGATED_CLUSTER", setting)
+        quack_gated_gemm._backward_config.cache_clear()
+        quack_direct_launch._LAUNCHES.clear()
+        try:
+            config = quack_gated_gemm._backward_config(dy.device)
+            assert f"{config.cluster_m}x{config.cluster_n}" == setting
+            results[setting] = quack_gated_gemm.gated_backward(dy, wd, preact, "swiglu")
+        finally:
+            quack_gated_gemm._backward_config.cache_clear()
+            quack_direct_launch._LAUNCHES.clear()
+    dpre, h = results[cluster]
+    # bf16 outputs of fp32 math: one bf16 rounding (2^-8 relative) on values of order 1
+    for got, want in ((dpre, want_dpre), (h, want_h)):
+        assert torch.isfinite(got).all()
+        assert (got.double() - want).abs().max().item() <= 2 ** -8 * (want.abs().max().item() + 1)
+    for got, other in zip(results["1x2"], results["2x1"]):
+        assert torch.equal(got, other)

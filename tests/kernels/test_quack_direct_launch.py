@@ -143,3 +143,32 @@ def test_deep_c_prefetch_refuses_other_than_hopper():
 
     with pytest.raises(ValueError, match="Hopper"):
         quack_dgated_prefetch.compile_dgated(None, None, "swiglu", None, (10, 0), 4)
+
+
+@pytest.mark.parametrize("name,cluster", [("NVIDIA H100 80GB HBM3", (2, 1)), ("NVIDIA H100 PCIe", (2, 1)),
+                                          ("NVIDIA H200", (1, 2)), ("NVIDIA B200", (1, 2))])
+def test_backward_cluster_follows_the_gpu(name, cluster, monkeypatch):
+    """The MLP backward's tile cluster by GPU, as measured: 2 x 1 on the H100 (session 23), 1 x 2,
+    the H200's autotuned choice (session 12), elsewhere."""
+    from chronicals_compile.kernels import quack_gated_gemm
+
+    monkeypatch.delenv("CHRONICALS_QUACK_DGATED_CLUSTER", raising=False)
+    assert quack_gated_gemm.backward_cluster(name) == cluster
+
+
+@pytest.mark.parametrize("value,cluster", [("1x2", (1, 2)), (" 2X1 ", (2, 1))])
+def test_backward_cluster_setting_overrides_the_table(value, cluster, monkeypatch):
+    from chronicals_compile.kernels import quack_gated_gemm
+
+    monkeypatch.setenv("CHRONICALS_QUACK_DGATED_CLUSTER", value)
+    assert quack_gated_gemm.backward_cluster("NVIDIA H100 80GB HBM3") == cluster
+    assert quack_gated_gemm.backward_cluster("NVIDIA H200") == cluster
+
+
+@pytest.mark.parametrize("value", ["2x2", "1", "wide"])
+def test_bad_backward_cluster_setting_names_the_variable(value, monkeypatch):
+    from chronicals_compile.kernels import quack_gated_gemm
+
+    monkeypatch.setenv("CHRONICALS_QUACK_DGATED_CLUSTER", value)
+    with pytest.raises(ValueError, match="CHRONICALS_QUACK_DGATED_CLUSTER"):
+        quack_gated_gemm.backward_cluster("NVIDIA H100 80GB HBM3")
