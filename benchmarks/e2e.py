@@ -174,6 +174,7 @@ def worker(spec: dict) -> dict:
         torch._inductor.config.autotune_local_cache = False
 
     from chronicals_compile.cli import metrics, presets
+    from chronicals_compile.runtime import enable_activation_checkpointing
 
     device = spec["device"]
     dtype = getattr(torch, spec["dtype"])
@@ -192,11 +193,7 @@ def worker(spec: dict) -> dict:
     model = presets.build_model(preset, vocab, dtype=dtype, device=device, seed=spec["seed"])
     model.config.use_cache = False
     if spec.get("gradient_checkpointing"):
-        # transformers >= 5.2x renames it activation_checkpointing_enable (the old name warns).
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 

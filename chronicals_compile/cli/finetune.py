@@ -136,7 +136,8 @@ def _run(args: argparse.Namespace, source: str, model_name: str, t_start: float,
 
     from .distributed import wrap
     from .. import compile as chronicals_compile
-    from ..runtime import PackedDataset, PackingCollator, create_loraplus_optimizer, enable_packed_attention
+    from ..runtime import (PackedDataset, PackingCollator, create_loraplus_optimizer, enable_activation_checkpointing,
+                           enable_packed_attention)
     from . import data, metrics, presets
 
     on_gpu = device.type == "cuda"
@@ -194,11 +195,7 @@ def _run(args: argparse.Namespace, source: str, model_name: str, t_start: float,
     n_params = sum(p.numel() for p in model.parameters())
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        # transformers >= 5.2x renames it activation_checkpointing_enable (the old name warns).
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
 
     lr = args.lr if args.lr is not None else (
         1e-3 if not pretrained else (2e-4 if args.lora_r else 2e-5))

@@ -11,6 +11,7 @@ from .attention import (
     register_packed_attention,
     warn_if_cache_in_training,
 )
+from .checkpointing import enable_activation_checkpointing
 from .collator import PackedDataset, PackingCollator
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .packing import PackingReport, Piece, pack_bfd, packing_report, split_into_pieces
@@ -23,6 +24,7 @@ __all__ = [
     "Piece",
     "chronicals_varlen_attention",
     "create_loraplus_optimizer",
+    "enable_activation_checkpointing",
     "enable_packed_attention",
     "loraplus_param_groups",
     "pack_bfd",

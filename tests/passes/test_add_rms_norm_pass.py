@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import chronicals_compile
+from chronicals_compile.runtime import enable_activation_checkpointing
 from chronicals_compile.testing import FAMILIES, random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
 
@@ -35,7 +36,7 @@ def test_off_by_default_everywhere():
 
 def test_lora_and_checkpointing():
     model = with_lora(tiny_model("qwen2"))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     report, eager, compiled = compiled_vs_eager(model, random_batch(), options=ON)
     # Each checkpointed layer is its own graph: its input norm reads the body's input, and the final

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chronicals_compile
+from chronicals_compile.runtime import enable_activation_checkpointing
 from chronicals_compile.testing import random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager, loss_and_grads
 from chronicals_compile.report import collecting as report_collecting
@@ -277,7 +278,7 @@ def test_off_by_default():
 
 def test_checkpointed_layers_fused_untagged_and_training_unchanged():
     model = tiny_model("qwen2", layers=LAYERS)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), options={**ON, "compiler": "aot_eager"})
     assert report.swaps.get("concat_linear") == LAYERS, str(report)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import chronicals_compile
 from chronicals_compile.passes import gate_recompute
+from chronicals_compile.runtime import enable_activation_checkpointing
 from chronicals_compile.testing import random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager, loss_and_grads
 from chronicals_compile.testing.saved import saved_bytes
@@ -71,7 +72,7 @@ def test_lora_products_tagged_and_training_unchanged():
 
 def test_checkpointed_layers_are_left_to_checkpointing():
     model = tiny_model("qwen2", layers=LAYERS)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12), options={"compiler": "aot_eager"})
     assert "gate_recompute" not in report.swaps, str(report)

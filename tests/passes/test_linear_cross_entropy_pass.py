@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import chronicals_compile
+from chronicals_compile.runtime import enable_activation_checkpointing
 from chronicals_compile.testing import FAMILIES, random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
 
@@ -199,7 +200,7 @@ class _LossOnly(nn.Module):
 
 def test_dynamic_shapes_and_gradient_checkpointing():
     model = tiny_model("llama", layers=1)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     report, eager, compiled = compiled_vs_eager(model, random_batch(seq=13, pad_labels=2), options=FAST,
                                                 dynamic=True)

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import chronicals_compile
+from chronicals_compile.runtime import enable_activation_checkpointing
 from chronicals_compile.testing import FAMILIES, random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import assert_same_training_step, compiled_vs_eager
 
@@ -28,7 +29,7 @@ def test_dynamic_shapes_symbolic_epsilon():
 
 def test_gradient_checkpointing_bodies_are_rewritten():
     model = tiny_model("llama")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     report, eager, compiled = compiled_vs_eager(model, random_batch(), options=FAST)
     assert report.swaps.get("rms_norm") == 5, str(report)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from chronicals_compile.runtime import enable_activation_checkpointing
 from chronicals_compile.testing import ALL_PROJECTIONS, random_batch, tiny_model, with_lora
 from chronicals_compile.testing.equivalence import (assert_same_training_step, compile_and_capture,
                                                       compiled_vs_eager)
@@ -276,7 +277,7 @@ def test_peft_lora_on_every_projection():
 
 def test_gradient_checkpointing():
     model = tiny_model("qwen2", layers=LAYERS)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     report, eager, compiled = compiled_vs_eager(model, random_batch(), options=FAST)
     assert_counts(report)
