@@ -9,4 +9,6 @@ VENV="${VENV:-.venv}"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]" "triton==3.6.0" "numpy<2.3"
+# CHRONICALS_EXTRAS: the test command adds "quack" (CuTe-DSL lowers QuACK's kernels on a CPU too:
+# tests/kernels/test_quack_kernels_compile.py)
+python -m pip install -q -e ".[${CHRONICALS_EXTRAS:-test}]" "triton==3.6.0" "numpy<2.3"

@@ -57,16 +57,25 @@ def _as3d(t: Tensor, shape: tuple[int, int], strides: tuple[int, int], batch_str
     return t.as_strided((*shape, 1), (*strides, batch_stride))
 
 
+def compile_forward(io_dtype: torch.dtype, activation: str, config: Any, capacity: tuple[int, int]) -> Callable:
+    """The gated forward kernel QuACK's public call compiles for these arguments (no device needed:
+    tests/kernels/test_quack_kernels_compile.py lowers it for sm90 and sm100 on a CPU)."""
+    from quack.cute_dsl_utils import torch2cute_dtype_map
+    from quack.gemm_act import _compile_gemm_act
+
+    cute = torch2cute_dtype_map[io_dtype]
+    return _compile_gemm_act(cute, cute, cute, None, cute, "k", "k", "n", None, "n",
+                             (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
+                             config.pingpong, True, False, activation, None, None, 0, False, False,
+                             capacity, "gated")
+
+
 def _forward_launch(x2: Tensor, activation: str, config: Any) -> _Launch:
-    from quack.cute_dsl_utils import get_device_capacity, get_max_active_clusters, torch2cute_dtype_map
-    from quack.gemm_act import GemmActMixin, _compile_gemm_act
+    from quack.cute_dsl_utils import get_device_capacity, get_max_active_clusters
+    from quack.gemm_act import GemmActMixin
     from quack.gemm_tvm_ffi_utils import make_scheduler_args
 
-    cute = torch2cute_dtype_map[x2.dtype]
-    kernel = _compile_gemm_act(cute, cute, cute, None, cute, "k", "k", "n", None, "n",
-                               (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
-                               config.pingpong, True, False, activation, None, None, 0, False, False,
-                               get_device_capacity(x2.device), "gated")
+    kernel = compile_forward(x2.dtype, activation, config, get_device_capacity(x2.device))
     clusters = get_max_active_clusters(config.cluster_m * config.cluster_n)
     return _Launch(kernel, GemmActMixin.EpilogueArguments,
                    make_scheduler_args(clusters, config.max_swizzle_size, None))
@@ -86,24 +95,39 @@ def _forward_direct(launch: _Launch, x2: Tensor, w1: Tensor, preact: Tensor, pos
     launch.kernel(a, b, d, None, epilogue, launch.scheduler, None)
 
 
-def _backward_launch(dy2: Tensor, activation: str, config: Any, c_stages: int | None) -> _Launch:
-    from quack.cute_dsl_utils import get_device_capacity, get_max_active_clusters, torch2cute_dtype_map
-    from quack.gemm_dact import GemmDGatedMixin, _compile_gemm_dact
-    from quack.gemm_tvm_ffi_utils import make_scheduler_args
+def backward_stages(c_stages: int | None, capacity: tuple[int, int]) -> int | None:
+    """The C prefetch depth the backward is compiled with: ours on Hopper, QuACK's own elsewhere."""
+    return c_stages if capacity[0] == 9 else None
+
+
+def compile_backward(io_dtype: torch.dtype, activation: str, config: Any, capacity: tuple[int, int],
+                     c_stages: int | None) -> Callable:
+    """The dgated backward kernel the direct launch runs: QuACK's own, or on Hopper its subclass with
+    ``c_stages`` C buffers (``quack_dgated_prefetch``). No device needed, as for ``compile_forward``."""
+    from quack.cute_dsl_utils import torch2cute_dtype_map
+    from quack.gemm_dact import _compile_gemm_dact
 
     if not config.swap_ab:
         raise ValueError("the direct dgated launch is written for the swapped (swap_ab) tile")
-    cute = torch2cute_dtype_map[dy2.dtype]
+    cute = torch2cute_dtype_map[io_dtype]
     f32 = torch2cute_dtype_map[torch.float32]
-    capacity = get_device_capacity(dy2.device)
-    stages = c_stages if capacity[0] == 9 else None  # sm100: QuACK's own kernel
+    stages = backward_stages(c_stages, capacity)
     if stages is None:
-        kernel = _compile_gemm_dact(cute, cute, f32, f32, cute, cute, "m", "k", "m", "m", "m",
-                                    (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
-                                    config.pingpong, True, True, activation, None, 0, None, 0, False, False,
-                                    capacity, "dgated")
-    else:
-        kernel = quack_dgated_prefetch.compile_dgated(cute, f32, activation, config, capacity, stages)
+        return _compile_gemm_dact(cute, cute, f32, f32, cute, cute, "m", "k", "m", "m", "m",
+                                  (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
+                                  config.pingpong, True, True, activation, None, 0, None, 0, False, False,
+                                  capacity, "dgated")
+    return quack_dgated_prefetch.compile_dgated(cute, f32, activation, config, capacity, stages)
+
+
+def _backward_launch(dy2: Tensor, activation: str, config: Any, c_stages: int | None) -> _Launch:
+    from quack.cute_dsl_utils import get_device_capacity, get_max_active_clusters
+    from quack.gemm_dact import GemmDGatedMixin
+    from quack.gemm_tvm_ffi_utils import make_scheduler_args
+
+    capacity = get_device_capacity(dy2.device)
+    stages = backward_stages(c_stages, capacity)
+    kernel = compile_backward(dy2.dtype, activation, config, capacity, c_stages)
     clusters = get_max_active_clusters(config.cluster_m * config.cluster_n)
     return _Launch(kernel, GemmDGatedMixin.EpilogueArguments, make_scheduler_args, clusters, config.max_swizzle_size,
                    stages)

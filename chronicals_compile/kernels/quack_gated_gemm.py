@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,12 +83,17 @@ def _interface():
     return gemm_gated_tuned, gemm_dgated_tuned
 
 
-@functools.cache
-def _backward_config(device: torch.device):
+def backward_config(gpu_name: str) -> Any:
+    """QuACK's GemmConfig for the backward (dgated) GEMM on a GPU of this name."""
     from quack.gemm_config import GemmConfig
 
-    cluster_m, cluster_n = backward_cluster(torch.cuda.get_device_name(device))
+    cluster_m, cluster_n = backward_cluster(gpu_name)
     return GemmConfig(**_BACKWARD_TILE, cluster_m=cluster_m, cluster_n=cluster_n)
+
+
+@functools.cache
+def _backward_config(device: torch.device):
+    return backward_config(torch.cuda.get_device_name(device))
 
 
 @functools.cache
