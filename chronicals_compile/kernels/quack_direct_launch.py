@@ -101,9 +101,10 @@ def backward_stages(c_stages: int | None, capacity: tuple[int, int]) -> int | No
 
 
 def compile_backward(io_dtype: torch.dtype, activation: str, config: Any, capacity: tuple[int, int],
-                     c_stages: int | None) -> Callable:
-    """The dgated backward kernel the direct launch runs: QuACK's own, or on Hopper its subclass with
-    ``c_stages`` C buffers (``quack_dgated_prefetch``). No device needed, as for ``compile_forward``."""
+                     stages: int | None) -> Callable:
+    """The dgated backward kernel the direct launch runs: QuACK's own (``stages`` None), or its Hopper
+    subclass with ``stages`` C buffers (``quack_dgated_prefetch``; ``backward_stages`` picks). No
+    device needed, as for ``compile_forward``."""
     from quack.cute_dsl_utils import torch2cute_dtype_map
     from quack.gemm_dact import _compile_gemm_dact
 
@@ -111,7 +112,6 @@ def compile_backward(io_dtype: torch.dtype, activation: str, config: Any, capaci
         raise ValueError("the direct dgated launch is written for the swapped (swap_ab) tile")
     cute = torch2cute_dtype_map[io_dtype]
     f32 = torch2cute_dtype_map[torch.float32]
-    stages = backward_stages(c_stages, capacity)
     if stages is None:
         return _compile_gemm_dact(cute, cute, f32, f32, cute, cute, "m", "k", "m", "m", "m",
                                   (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
@@ -127,7 +127,7 @@ def _backward_launch(dy2: Tensor, activation: str, config: Any, c_stages: int | 
 
     capacity = get_device_capacity(dy2.device)
     stages = backward_stages(c_stages, capacity)
-    kernel = compile_backward(dy2.dtype, activation, config, capacity, c_stages)
+    kernel = compile_backward(dy2.dtype, activation, config, capacity, stages)
     clusters = get_max_active_clusters(config.cluster_m * config.cluster_n)
     return _Launch(kernel, GemmDGatedMixin.EpilogueArguments, make_scheduler_args, clusters, config.max_swizzle_size,
                    stages)

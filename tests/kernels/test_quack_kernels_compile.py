@@ -15,14 +15,14 @@ import pytest
 
 from chronicals_compile.kernels import quack_dgated_prefetch
 
-PROBE = Path(__file__).with_name("quack_compile_probe.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _probe(tmp_path: Path, arch: str, capacity: tuple[int, int], gpu: str, stages: str) -> list[dict]:
     env = {**os.environ, "CUTE_DSL_ARCH": arch, "CUTE_DSL_KEEP_CUBIN": "1", "CUTE_DSL_DUMP_DIR": str(tmp_path),
            "QUACK_CACHE_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(PROBE), *map(str, capacity), gpu, stages], env=env,
+    run = subprocess.run([sys.executable, "-m", "chronicals_compile.testing.quack_compile_probe", *map(str, capacity),
+                          gpu, stages], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]

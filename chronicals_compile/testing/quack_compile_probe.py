@@ -1,4 +1,6 @@
-"""Run by tests/kernels/test_quack_kernels_compile.py in a fresh process whose CUTE_DSL_ARCH is the
+"""``python -m chronicals_compile.testing.quack_compile_probe MAJOR MINOR GPU_NAME C_STAGES|quack``.
+
+Run by tests/kernels/test_quack_kernels_compile.py in a fresh process whose CUTE_DSL_ARCH is the
 target (the DSL reads it once, at import): compiles the QuACK kernels the direct launch runs and
 prints one JSON line per kernel. On a machine without a CUDA driver the DSL stops after code
 generation, at its JIT's driver check; the cubin has been written by then (CUTE_DSL_KEEP_CUBIN)."""
@@ -38,7 +40,8 @@ def main(capacity: tuple[int, int], gpu_name: str, stages: int | None) -> None:
     dump = Path(os.environ["CUTE_DSL_DUMP_DIR"])
     for dtype, activation in COMBINATIONS:
         builds = {"forward": lambda: direct.compile_forward(dtype, activation, forward, capacity),
-                  "backward": lambda: direct.compile_backward(dtype, activation, backward, capacity, stages)}
+                  "backward": lambda: direct.compile_backward(dtype, activation, backward, capacity,
+                                                               direct.backward_stages(stages, capacity))}
         for kind, build in builds.items():
             outcome = _compile(build)
             # Each kernel's cubin into its own folder: the DSL's file names leave out the activation.
