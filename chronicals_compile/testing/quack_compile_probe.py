@@ -1,4 +1,4 @@
-"""``python -m chronicals_compile.testing.quack_compile_probe MAJOR MINOR GPU_NAME C_STAGES|quack``.
+"""``python -m chronicals_compile.testing.quack_compile_probe MAJOR MINOR GPU_NAME C_STAGES|quack [early-c]``.
 
 Run by tests/kernels/test_quack_kernels_compile.py in a fresh process whose CUTE_DSL_ARCH is the
 target (the DSL reads it once, at import): compiles the QuACK kernels the direct launch runs and
@@ -28,7 +28,7 @@ def _compile(build) -> str:
     return "compiled and loaded"
 
 
-def main(capacity: tuple[int, int], gpu_name: str, stages: int | None) -> None:
+def main(capacity: tuple[int, int], gpu_name: str, stages: int | None, early_c: bool = False) -> None:
     torch.cuda.get_device_capability = lambda device=None: capacity  # QuACK asks at import and for its config
     import quack.gemm_interface as quack_interface
 
@@ -41,7 +41,7 @@ def main(capacity: tuple[int, int], gpu_name: str, stages: int | None) -> None:
     for dtype, activation in COMBINATIONS:
         builds = {"forward": lambda: direct.compile_forward(dtype, activation, forward, capacity),
                   "backward": lambda: direct.compile_backward(dtype, activation, backward, capacity,
-                                                               direct.backward_stages(stages, capacity))}
+                                                               direct.backward_stages(stages, capacity), early_c)}
         for kind, build in builds.items():
             outcome = _compile(build)
             # Each kernel's cubin into its own folder: the DSL's file names leave out the activation.
@@ -53,4 +53,4 @@ def main(capacity: tuple[int, int], gpu_name: str, stages: int | None) -> None:
 
 if __name__ == "__main__":
     major, minor, name, stages = sys.argv[1:5]
-    main((int(major), int(minor)), name, None if stages == "quack" else int(stages))
+    main((int(major), int(minor)), name, None if stages == "quack" else int(stages), sys.argv[5:6] == ["early-c"])

@@ -18,11 +18,11 @@ from chronicals_compile.kernels import quack_dgated_prefetch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _probe(tmp_path: Path, arch: str, capacity: tuple[int, int], gpu: str, stages: str) -> list[dict]:
+def _probe(tmp_path: Path, arch: str, capacity: tuple[int, int], gpu: str, stages: str, *extra: str) -> list[dict]:
     env = {**os.environ, "CUTE_DSL_ARCH": arch, "CUTE_DSL_KEEP_CUBIN": "1", "CUTE_DSL_DUMP_DIR": str(tmp_path),
            "QUACK_CACHE_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "chronicals_compile.testing.quack_compile_probe", *map(str, capacity),
-                          gpu, stages], env=env,
+                          gpu, stages, *extra], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -55,3 +55,13 @@ def test_quacks_own_backward_compiles_on_hopper(tmp_path):
     results = _probe(tmp_path, "sm_90a", (9, 0), "NVIDIA H200", "quack")
     _assert_one_cubin_each(tmp_path, results, "sm_90a")
     assert not [r for r in results if "GemmDGatedDeepCSm90" in r["cubins"][0]], results
+
+
+def test_the_early_c_backward_compiles(tmp_path):
+    """CHRONICALS_QUACK_DGATED_EARLY_C=1 on Hopper: our subclass with QuACK's kernel and epilogue
+    methods rebuilt from their edited source (quack_source_patch) lowers to a cubin for both
+    combinations (tests/kernels/test_quack_source_patch.py checks the edit's text)."""
+    results = _probe(tmp_path, "sm_90a", (9, 0), "NVIDIA H200", str(quack_dgated_prefetch.DEFAULT_C_STAGES), "early-c")
+    _assert_one_cubin_each(tmp_path, results, "sm_90a")
+    early = sorted(r["kernel"] for r in results if "GemmDGatedEarlyCSm90" in r["cubins"][0])
+    assert early == ["backward-bfloat16-swiglu", "backward-float16-geglu"], results
