@@ -49,6 +49,23 @@ def early_c() -> bool:
     return value in ("1", "true", "on")
 
 
+def epi_tile() -> tuple[int, int] | None:
+    """The epilogue subtile asked for (``CHRONICALS_QUACK_DGATED_EPI_TILE=MxN``), or None for
+    QuACK's own (64 x 32 for the backward's 128 x 128 ping-pong tile: eight subtiles a tile, two
+    named barriers each). A larger subtile means fewer, larger C loads and D stores."""
+    value = os.environ.get("CHRONICALS_QUACK_DGATED_EPI_TILE", "quack").strip().lower()
+    if value in ("quack", "default", ""):
+        return None
+    try:
+        m, n = (int(v) for v in value.split("x"))
+    except ValueError:
+        m = n = 0
+    if m not in (64, 128) or n not in (16, 32, 64, 128):
+        raise ValueError(f"CHRONICALS_QUACK_DGATED_EPI_TILE must be 'quack' or MxN with M in 64, 128 and N in "
+                         f"16, 32, 64, 128, got {value!r}")
+    return m, n
+
+
 def c_stages() -> int | None:
     """The C prefetch depth asked for, or None for QuACK's own."""
     value = os.environ.get("CHRONICALS_QUACK_DGATED_C_STAGES", str(DEFAULT_C_STAGES)).strip().lower()
@@ -95,10 +112,16 @@ _EARLY_C_EPILOGUE = Edit(anchor="if const_expr(copy_C is not None):",
 
 
 @functools.cache
-def _gemm_class(stages: int, early: bool = False) -> type:
+def _gemm_class(stages: int, early: bool = False, subtile: tuple[int, int] | None = None) -> type:
     from quack.gemm_dact import GemmDGatedSm90
 
     class GemmDGatedDeepCSm90(GemmDGatedSm90):
+        @staticmethod
+        def _sm90_compute_tile_shape_or_override(cta_tile_shape_mnk, atom_layout_mnk, element_type=None,
+                                                 epi_tile_override=None):
+            return GemmDGatedSm90._sm90_compute_tile_shape_or_override(
+                cta_tile_shape_mnk, atom_layout_mnk, element_type, epi_tile_override or subtile)
+
         @classmethod
         def _compute_stages(cls, cta_tile_shape_mnk, epi_tile, a_dtype, b_dtype, d_dtype, c_dtype,
                             epilogue_args, smem_capacity, occupancy):
@@ -147,10 +170,10 @@ def _early_c_class(base: type) -> type:
 
 
 def compile_dgated(io_dtype: Any, accum_dtype: Any, activation: str, config: Any, capacity: tuple[int, int],
-                   stages: int, early: bool = False) -> Callable:
+                   stages: int, early: bool = False, subtile: tuple[int, int] | None = None) -> Callable:
     """The kernel ``_compile_gemm_dact`` builds for ``quack_direct_launch``'s backward (A m-major,
     B k-major, D/C/PostAct m-major, persistent with a tile semaphore, no column vectors, no
-    varlen), with ``stages`` C buffers (and early C loads: ``early``). Hopper only: the caller keeps QuACK's kernel elsewhere."""
+    varlen), with ``stages`` C buffers (early C loads: ``early``; epilogue subtile: ``subtile``). Hopper only: the caller keeps QuACK's kernel elsewhere."""
     if capacity[0] != 9:
         raise ValueError(f"the deep C prefetch is built for Hopper (sm90), not sm{capacity[0]}{capacity[1]}")
     from quack.activation import dgate_fn_map
@@ -158,7 +181,7 @@ def compile_dgated(io_dtype: Any, accum_dtype: Any, activation: str, config: Any
     from quack.gemm_tvm_ffi_utils import (cached_compile, compile_gemm_kernel, div_for_dtype,
                                           make_fake_gemm_tensors, make_fake_scheduler_args)
 
-    gemm_cls = _gemm_class(stages, early and config.pingpong)
+    gemm_cls = _gemm_class(stages, early and config.pingpong, subtile)
     tile = (config.tile_m, config.tile_n)
     cluster = (config.cluster_m, config.cluster_n, 1)
     m_a, m_b, m_d, m_c, m, n, _, batch = make_fake_gemm_tensors(io_dtype, io_dtype, accum_dtype, accum_dtype,
@@ -171,7 +194,7 @@ def compile_dgated(io_dtype: Any, accum_dtype: Any, activation: str, config: Any
     def set_implicit_dtype(gemm: Any) -> None:
         gemm.implicit_dtype = io_dtype
 
-    key = ("chronicals_dgated_deep_c", _KEY_VERSION, stages, early and config.pingpong, io_dtype, accum_dtype, activation, tile, cluster,
+    key = ("chronicals_dgated_deep_c", _KEY_VERSION, stages, early and config.pingpong, subtile, io_dtype, accum_dtype, activation, tile, cluster,
            config.pingpong, capacity)
     return cached_compile(key, lambda: compile_gemm_kernel(
         gemm_cls, io_dtype, tile, cluster, config.pingpong, True, False, capacity, m_a, m_b, m_d, m_c, epilogue,

@@ -1,4 +1,4 @@
-"""``python -m chronicals_compile.testing.quack_compile_probe MAJOR MINOR GPU_NAME C_STAGES|quack [early-c]``.
+"""``python -m chronicals_compile.testing.quack_compile_probe MAJOR MINOR GPU_NAME C_STAGES|quack [early-c] [epi=MxN]``.
 
 Run by tests/kernels/test_quack_kernels_compile.py in a fresh process whose CUTE_DSL_ARCH is the
 target (the DSL reads it once, at import): compiles the QuACK kernels the direct launch runs and
@@ -28,7 +28,8 @@ def _compile(build) -> str:
     return "compiled and loaded"
 
 
-def main(capacity: tuple[int, int], gpu_name: str, stages: int | None, early_c: bool = False) -> None:
+def main(capacity: tuple[int, int], gpu_name: str, stages: int | None, early_c: bool = False,
+         epi_tile: tuple[int, int] | None = None) -> None:
     torch.cuda.get_device_capability = lambda device=None: capacity  # QuACK asks at import and for its config
     import quack.gemm_interface as quack_interface
 
@@ -41,16 +42,21 @@ def main(capacity: tuple[int, int], gpu_name: str, stages: int | None, early_c: 
     for dtype, activation in COMBINATIONS:
         builds = {"forward": lambda: direct.compile_forward(dtype, activation, forward, capacity),
                   "backward": lambda: direct.compile_backward(dtype, activation, backward, capacity,
-                                                               direct.backward_stages(stages, capacity), early_c)}
+                                                               direct.backward_stages(stages, capacity), early_c,
+                                                               epi_tile)}
         for kind, build in builds.items():
             outcome = _compile(build)
             # Each kernel's cubin into its own folder: the DSL's file names leave out the activation.
             folder = dump / f"{kind}-{str(dtype)[6:]}-{activation}"
             folder.mkdir()
             cubins = [c.rename(folder / c.name).name for c in dump.glob("*.cubin")]
+            for ptx in dump.glob("*.ptx"):  # with CUTE_DSL_KEEP_PTX
+                ptx.rename(folder / ptx.name)
             print(json.dumps({"kernel": folder.name, "outcome": outcome, "cubins": cubins}), flush=True)
 
 
 if __name__ == "__main__":
     major, minor, name, stages = sys.argv[1:5]
-    main((int(major), int(minor)), name, None if stages == "quack" else int(stages), sys.argv[5:6] == ["early-c"])
+    flags = sys.argv[5:]
+    epi = next((tuple(int(v) for v in f[4:].split("x")) for f in flags if f.startswith("epi=")), None)
+    main((int(major), int(minor)), name, None if stages == "quack" else int(stages), "early-c" in flags, epi)

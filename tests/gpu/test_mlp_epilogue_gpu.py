@@ -117,13 +117,14 @@ def test_each_backward_cluster_matches_float64(cluster, monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [16384, 4099])
-def test_early_c_loads_match_float64_and_the_plain_kernel(rows, monkeypatch):
+def test_early_c_loads_and_subtile_match_float64_and_the_plain_kernel(rows, monkeypatch):
     """The backward with its first C loads issued before the epilogue barrier
-    (``CHRONICALS_QUACK_DGATED_EARLY_C``), at Qwen2.5-0.5B's MLP width with many tiles a CTA (so both
+    (``CHRONICALS_QUACK_DGATED_EARLY_C``) and/or a 64 x 64 epilogue subtile
+    (``CHRONICALS_QUACK_DGATED_EPI_TILE``), at Qwen2.5-0.5B's MLP width with many tiles a CTA (so both
     ping-pong warp groups share the C ring across tiles), and with a ragged last row tile: d(preact)
-    and h equal float64's within one bf16 rounding and the kernel without the edit bit for bit (the
-    edit moves loads, not arithmetic); the direct launch kept it (its first-launch comparison with
-    QuACK's public call passed)."""
+    and h equal float64's within one bf16 rounding and the plain kernel's bit for bit (the variants
+    move loads and stores, not arithmetic); the direct launch kept each (its first-launch comparison
+    with QuACK's public call passed)."""
     from chronicals_compile.kernels import quack_direct_launch
     from chronicals_compile.ops.gated_mlp import _dpreact_reference
 
@@ -135,19 +136,23 @@ def test_early_c_loads_match_float64_and_the_plain_kernel(rows, monkeypatch):
     preact = torch.randn(rows, 2 * 4864, device="cuda", dtype=torch.bfloat16)
     key = ("backward", torch.bfloat16, "swiglu", dy.device.index)
     results = {}
-    for early in ("1", "0"):
+    for early, subtile in (("0", "quack"), ("1", "quack"), ("0", "64x64"), ("1", "64x64")):
         monkeypatch.setenv("CHRONICALS_QUACK_DGATED_EARLY_C", early)
+        monkeypatch.setenv("CHRONICALS_QUACK_DGATED_EPI_TILE", subtile)
         quack_direct_launch._LAUNCHES.clear()
         try:
             for _ in range(2):  # the first call decides, the second runs the direct path alone
-                results[early] = quack_gated_gemm.gated_backward(dy, wd, preact, "swiglu")
+                results[early, subtile] = quack_gated_gemm.gated_backward(dy, wd, preact, "swiglu")
             launch = quack_direct_launch._LAUNCHES.get(key)
-            assert isinstance(launch, quack_direct_launch._Launch) and launch.early_c == (early == "1"), launch
+            assert isinstance(launch, quack_direct_launch._Launch), (early, subtile)
+            assert launch.early_c == (early == "1") and launch.epi_tile == (None if subtile == "quack" else (64, 64))
         finally:
             quack_direct_launch._LAUNCHES.clear()
     want_dpre, want_h = _dpreact_reference(dy.double() @ wd.double(), preact.double(), "swiglu")
-    for got, want in zip(results["1"], (want_dpre, want_h)):
+    plain = results["0", "quack"]
+    for got, want in zip(plain, (want_dpre, want_h)):
         assert torch.isfinite(got).all()
         assert (got.double() - want).abs().max().item() <= 2 ** -8 * (want.abs().max().item() + 1)
-    for got, plain in zip(results["1"], results["0"]):
-        assert torch.equal(got, plain)
+    for variant, outputs in results.items():
+        for got, ref in zip(outputs, plain):
+            assert torch.equal(got, ref), variant

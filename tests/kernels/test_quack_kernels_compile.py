@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _probe(tmp_path: Path, arch: str, capacity: tuple[int, int], gpu: str, stages: str, *extra: str) -> list[dict]:
-    env = {**os.environ, "CUTE_DSL_ARCH": arch, "CUTE_DSL_KEEP_CUBIN": "1", "CUTE_DSL_DUMP_DIR": str(tmp_path),
+    env = {**os.environ, "CUTE_DSL_ARCH": arch, "CUTE_DSL_KEEP_CUBIN": "1", "CUTE_DSL_KEEP_PTX": "1",
+           "CUTE_DSL_DUMP_DIR": str(tmp_path),
            "QUACK_CACHE_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "chronicals_compile.testing.quack_compile_probe", *map(str, capacity),
                           gpu, stages, *extra], env=env,
@@ -57,11 +58,19 @@ def test_quacks_own_backward_compiles_on_hopper(tmp_path):
     assert not [r for r in results if "GemmDGatedDeepCSm90" in r["cubins"][0]], results
 
 
-def test_the_early_c_backward_compiles(tmp_path):
-    """CHRONICALS_QUACK_DGATED_EARLY_C=1 on Hopper: our subclass with QuACK's kernel and epilogue
-    methods rebuilt from their edited source (quack_source_patch) lowers to a cubin for both
-    combinations (tests/kernels/test_quack_source_patch.py checks the edit's text)."""
-    results = _probe(tmp_path, "sm_90a", (9, 0), "NVIDIA H200", str(quack_dgated_prefetch.DEFAULT_C_STAGES), "early-c")
+@pytest.mark.parametrize("flags", [("early-c",), ("early-c", "epi=64x64"), ("epi=64x64",)])
+def test_the_early_c_and_subtile_variants_compile(tmp_path, flags):
+    """CHRONICALS_QUACK_DGATED_EARLY_C=1 and/or CHRONICALS_QUACK_DGATED_EPI_TILE=64x64 on Hopper: our
+    subclass (with QuACK's kernel and epilogue methods rebuilt from their edited source,
+    quack_source_patch, for early C) lowers to a cubin for both combinations, and a 64 x 64 subtile
+    halves the epilogue's unrolled TMA stores (eight 64 x 32 subtiles a 128 x 128 tile become four);
+    tests/kernels/test_quack_source_patch.py checks the edit's text."""
+    results = _probe(tmp_path, "sm_90a", (9, 0), "NVIDIA H200", str(quack_dgated_prefetch.DEFAULT_C_STAGES), *flags)
     _assert_one_cubin_each(tmp_path, results, "sm_90a")
-    early = sorted(r["kernel"] for r in results if "GemmDGatedEarlyCSm90" in r["cubins"][0])
-    assert early == ["backward-bfloat16-swiglu", "backward-float16-geglu"], results
+    name = "GemmDGatedEarlyCSm90" if "early-c" in flags else "GemmDGatedDeepCSm90"
+    ours = sorted(r["kernel"] for r in results if name in r["cubins"][0])
+    assert ours == ["backward-bfloat16-swiglu", "backward-float16-geglu"], results
+    ptx = (tmp_path / "backward-bfloat16-swiglu").glob("*.ptx")
+    stores = sum(text.count("cp.async.bulk.tensor") - text.count("shared::cluster.global")
+                 for text in (p.read_text(errors="replace") for p in ptx))
+    assert stores == (12 if "epi=64x64" in flags else 24), (flags, stores)
