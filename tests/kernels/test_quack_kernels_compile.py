@@ -58,19 +58,20 @@ def test_quacks_own_backward_compiles_on_hopper(tmp_path):
     assert not [r for r in results if "GemmDGatedDeepCSm90" in r["cubins"][0]], results
 
 
-@pytest.mark.parametrize("flags", [("early-c",), ("early-c", "epi=64x64"), ("epi=64x64",)])
-def test_the_early_c_and_subtile_variants_compile(tmp_path, flags):
-    """CHRONICALS_QUACK_DGATED_EARLY_C=1 and/or CHRONICALS_QUACK_DGATED_EPI_TILE=64x64 on Hopper: our
-    subclass (with QuACK's kernel and epilogue methods rebuilt from their edited source,
-    quack_source_patch, for early C) lowers to a cubin for both combinations, and a 64 x 64 subtile
-    halves the epilogue's unrolled TMA stores (eight 64 x 32 subtiles a 128 x 128 tile become four);
+def test_the_early_c_and_subtile_variants_compile(tmp_path):
+    """CHRONICALS_QUACK_DGATED_EARLY_C=1 and/or CHRONICALS_QUACK_DGATED_EPI_TILE=64x64 on Hopper (bf16,
+    SwiGLU; one process): our subclass, with QuACK's kernel and epilogue methods rebuilt from their
+    edited source for early C (quack_source_patch), lowers to a cubin, and a 64 x 64 subtile halves
+    the epilogue's unrolled TMA stores (eight 64 x 32 subtiles a 128 x 128 tile become four).
     tests/kernels/test_quack_source_patch.py checks the edit's text."""
-    results = _probe(tmp_path, "sm_90a", (9, 0), "NVIDIA H200", str(quack_dgated_prefetch.DEFAULT_C_STAGES), *flags)
-    _assert_one_cubin_each(tmp_path, results, "sm_90a")
-    name = "GemmDGatedEarlyCSm90" if "early-c" in flags else "GemmDGatedDeepCSm90"
-    ours = sorted(r["kernel"] for r in results if name in r["cubins"][0])
-    assert ours == ["backward-bfloat16-swiglu", "backward-float16-geglu"], results
-    ptx = (tmp_path / "backward-bfloat16-swiglu").glob("*.ptx")
-    stores = sum(text.count("cp.async.bulk.tensor") - text.count("shared::cluster.global")
-                 for text in (p.read_text(errors="replace") for p in ptx))
-    assert stores == (12 if "epi=64x64" in flags else 24), (flags, stores)
+    results = _probe(tmp_path, "sm_90a", (9, 0), "NVIDIA H200", str(quack_dgated_prefetch.DEFAULT_C_STAGES),
+                     "early-c", "early-c+epi=64x64", "epi=64x64")
+    want = {"backward-early-c": ("GemmDGatedEarlyCSm90", 24), "backward-early-c-epi64x64": ("GemmDGatedEarlyCSm90", 12),
+            "backward-epi64x64": ("GemmDGatedDeepCSm90", 12)}
+    assert sorted(r["kernel"] for r in results) == sorted(want), results
+    for r in results:
+        name, stores = want[r["kernel"]]
+        assert len(r["cubins"]) == 1 and name in r["cubins"][0] and r["cubins"][0].endswith(".sm_90a.cubin"), r
+        ptx = [p.read_text(errors="replace") for p in (tmp_path / r["kernel"]).glob("*.ptx")]
+        assert len(ptx) == 1, r
+        assert ptx[0].count("cp.async.bulk.tensor") - ptx[0].count("shared::cluster.global") == stores, r
