@@ -109,6 +109,8 @@ _EARLY_C_KERNEL = Edit(
             "                                            tile_coord_mnkl, varlen_manager, is_tma_warp)"))
 _EARLY_C_EPILOGUE = Edit(anchor="if const_expr(copy_C is not None):",
                          replacement="if const_expr(copy_C is not None and not self.pingpong):")
+#: no change: the subtile order ``early_c_loads`` reproduces must still be the epilogue's
+_EPILOGUE_SUBTILE_ORDER = Edit(anchor="epi_tile_layout = cute.make_layout(epi_tile_shape, stride=(epi_tile_shape[1], 1))")
 
 
 @functools.cache
@@ -143,7 +145,7 @@ def _early_c_class(base: type) -> type:
 
     class GemmDGatedEarlyCSm90(base):
         kernel = patched_method(base, "kernel", (_EARLY_C_KERNEL,))
-        epilogue = patched_method(base, "epilogue", (_EARLY_C_EPILOGUE,))
+        epilogue = patched_method(base, "epilogue", (_EARLY_C_EPILOGUE, _EPILOGUE_SUBTILE_ORDER))
 
         @cute.jit
         def early_c_loads(self, epi_pipeline, epi_producer_state, tma_atom_c, mC_mnl, sC, tile_coord_mnkl,

@@ -33,9 +33,11 @@ def test_the_epilogue_edit_drops_its_first_c_loads_only_under_ping_pong():
     owner = defining_class(gemm_dact.GemmDGatedSm90, "epilogue")
     assert owner.__name__ == "GemmActMixin"
     original = method_source(owner, "epilogue")
-    edited = apply_edits(original, (quack_dgated_prefetch._EARLY_C_EPILOGUE,))
+    edited = apply_edits(original, (quack_dgated_prefetch._EARLY_C_EPILOGUE, quack_dgated_prefetch._EPILOGUE_SUBTILE_ORDER))
     assert "if const_expr(copy_C is not None and not self.pingpong):" in edited
     assert len(edited.splitlines()) == len(original.splitlines())
+    # the subtile order early_c_loads reproduces is the epilogue's (a no-op edit: it must be found once)
+    assert _lines(edited).count("epi_tile_layout = cute.make_layout(epi_tile_shape, stride=(epi_tile_shape[1], 1))") == 1
     # the in-loop prefetch of the later subtiles stays
     assert "if const_expr(copy_C is not None and epi_idx + self.epi_c_stage < epi_tile_num):" in edited
 
