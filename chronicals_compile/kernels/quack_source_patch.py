@@ -73,6 +73,29 @@ def apply_edits(source: str, edits: tuple[Edit, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _source_file(source: str, file_name: str) -> str:
+    """A file holding exactly ``source``, for the DSL to read back: in a per-user folder of the
+    temporary directory (reused across processes), or a fresh private folder when that one is not
+    ours or the file there holds other text (the DSL would compile what the file says)."""
+    folder = os.path.join(tempfile.gettempdir(), f"chronicals_quack_patches_{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if os.stat(folder).st_uid != os.getuid():
+        folder = tempfile.mkdtemp(prefix="chronicals_quack_patches_")
+    path = os.path.join(folder, file_name)
+    if not os.path.exists(path):
+        partial = f"{path}.{os.getpid()}"
+        with open(partial, "w") as f:
+            f.write(source)
+        os.replace(partial, path)
+    with open(path) as f:
+        if f.read() == source:
+            return path
+    path = os.path.join(tempfile.mkdtemp(prefix="chronicals_quack_patches_"), file_name)
+    with open(path, "w") as f:
+        f.write(source)
+    return path
+
+
 def patched_method(cls: type, name: str, edits: tuple[Edit, ...]) -> Callable:
     """``cls.name`` (as QuACK defines it, decorators included) with ``edits`` applied, as a function
     to assign in a subclass body. The file is named by a hash of its text, so a process compiles
@@ -80,14 +103,7 @@ def patched_method(cls: type, name: str, edits: tuple[Edit, ...]) -> Callable:
     owner = defining_class(cls, name)
     source = apply_edits(method_source(owner, name), edits)
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), "chronicals_quack_patches")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{owner.__name__}_{name}_{digest}.py")
-    if not os.path.exists(path):
-        partial = f"{path}.{os.getpid()}"
-        with open(partial, "w") as f:
-            f.write(source)
-        os.replace(partial, path)
+    path = _source_file(source, f"{owner.__name__}_{name}_{digest}.py")
     namespace = dict(vars(sys.modules[owner.__module__]))
     namespace["__name__"] = f"chronicals_quack_patch_{digest}"
     namespace["__file__"] = path

@@ -8,6 +8,7 @@ import pytest
 from quack import gemm_dact  # the test command installs the quack extra
 
 from chronicals_compile.kernels import quack_dgated_prefetch
+from chronicals_compile.kernels import quack_source_patch
 from chronicals_compile.kernels.quack_source_patch import (Edit, SourcePatchError, apply_edits, defining_class,
                                                            method_source)
 
@@ -54,3 +55,16 @@ def test_inserted_lines_take_the_anchors_indentation():
     source = "def f(self):\n    if a:\n        b()\n"
     edited = apply_edits(source, (Edit(anchor="b()", before=("c()", "if d:", "    e()"), replacement="g()"),))
     assert edited == "def f(self):\n    if a:\n        c()\n        if d:\n            e()\n        g()\n"
+
+
+def test_the_source_file_holds_exactly_the_edited_text(tmp_path, monkeypatch):
+    """The DSL compiles what the file says: a file of the same name holding other text (left by
+    someone else in the shared temporary directory) is not used."""
+    monkeypatch.setattr(quack_source_patch.tempfile, "tempdir", str(tmp_path))
+    first = quack_source_patch._source_file("x = 1\n", "m_abc.py")
+    assert open(first).read() == "x = 1\n"
+    assert quack_source_patch._source_file("x = 1\n", "m_abc.py") == first  # reused
+    with open(first, "w") as f:
+        f.write("import os  # not ours\n")
+    other = quack_source_patch._source_file("x = 1\n", "m_abc.py")
+    assert other != first and open(other).read() == "x = 1\n"
