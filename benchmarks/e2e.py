@@ -64,8 +64,7 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs",
             "chronicals-concat-cudagraphs", "inductor-cudagraphs", "chronicals-fa4", "chronicals-fa4-cudagraphs",
             "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public",
-            "chronicals-concat-kv", "chronicals-dgated-c2", "chronicals-dgated-c1x2", "chronicals-dgated-c2x1",
-            "chronicals-early-c", "chronicals-no-early-c", "chronicals-epi64", "chronicals-early-c-epi64")
+            "chronicals-concat-kv", "chronicals-dgated-c2", "chronicals-dgated-c1x2", "chronicals-dgated-c2x1")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
@@ -114,12 +113,6 @@ VARIANT_ENV = {
     # the MLP backward's tile cluster forced either way (by default 2 x 1 on the H100, 1 x 2 elsewhere)
     "chronicals-dgated-c1x2": {"CHRONICALS_QUACK_DGATED_CLUSTER": "1x2"},
     "chronicals-dgated-c2x1": {"CHRONICALS_QUACK_DGATED_CLUSTER": "2x1"},
-    # the MLP backward's first C loads issued right after its mainloop, or only in its epilogue
-    "chronicals-early-c": {"CHRONICALS_QUACK_DGATED_EARLY_C": "1"},
-    "chronicals-no-early-c": {"CHRONICALS_QUACK_DGATED_EARLY_C": "0"},
-    # its epilogue in 64 x 64 subtiles instead of QuACK's 64 x 32 (half the subtiles and barriers)
-    "chronicals-epi64": {"CHRONICALS_QUACK_DGATED_EPI_TILE": "64x64"},
-    "chronicals-early-c-epi64": {"CHRONICALS_QUACK_DGATED_EARLY_C": "1", "CHRONICALS_QUACK_DGATED_EPI_TILE": "64x64"},
     # cut cross-entropy recomputing in backward over vocabulary slices (about 0.3 GiB extra)
     "chronicals-lowmem": {"CHRONICALS_CCE_MODE": "recompute", "CHRONICALS_CCE_BACKWARD": "vocab"},
     # cce_mode="lean": vocabulary slices no wider than the hidden size (the least extra memory)

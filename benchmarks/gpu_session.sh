@@ -31,8 +31,6 @@
 #   cce-rows=60     the loss's row kernel alone, ours vs QuACK's, and the fused op with each (bench_cce_rows.py)
 #   dgated-stages=150  QuACK's dgated GEMM by the depth of its epilogue's C prefetch (bench_quack_dgated_stages.py;
 #                   $DGATED_ARGS passes e.g. --tiles pinned,pp128x192 --c-stages 3,4,5)
-#   dgated-early=180  the MLP's backward GEMM as launched, early C loads on and off, by C stages and cluster
-#                   (bench_dgated_early_c.py; $DGATED_EARLY_ARGS passes e.g. --c-stages 4 --clusters default)
 #   dgated-ncu=120  Nsight Compute's sections for one MLP backward GEMM as the step runs it (ncu_dgated.py):
 #                   warp stall reasons, DRAM and tensor-core throughput (Firecracker machines read counters)
 #   quack-launch=120  idle time before QuACK's GEMMs: after the interleave, back to back, after a small kernel,
@@ -127,8 +125,6 @@ for stage in "${stages[@]}"; do
            | tee "$OUT/cce_rows.md" | grep "^|" ;;
     dgated-stages) timeout "${secs:-150}" python3 benchmarks/bench_quack_dgated_stages.py ${DGATED_ARGS:-} 2>&1 \
            | grep -v Warning | tee "$OUT/dgated_stages.md" | grep "^|" ;;
-    dgated-early) timeout "${secs:-180}" python3 benchmarks/bench_dgated_early_c.py ${DGATED_EARLY_ARGS:-} 2>&1 \
-           | grep -v Warning | tee "$OUT/dgated_early_c.md" | grep "^|\|^NVIDIA" ;;
     dgated-ncu) timeout "${secs:-120}" ncu --profile-from-start off --clock-control none --section SpeedOfLight \
            --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats --section LaunchStats \
            --section Occupancy python3 benchmarks/ncu_dgated.py 2>&1 | grep -v Warning | tee "$OUT/dgated_ncu.txt" | tail -90 ;;

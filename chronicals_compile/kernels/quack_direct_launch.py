@@ -39,8 +39,6 @@ class _Launch:
     max_active_clusters: int = 0
     swizzle: int = 8
     c_stages: int | None = None  # the backward's C prefetch depth when not QuACK's own (quack_dgated_prefetch)
-    early_c: bool = False  # the backward's first C loads issued before its epilogue barrier
-    epi_tile: tuple[int, int] | None = None  # the backward's epilogue subtile when not QuACK's own
 
 
 #: (kind, dtype, activation, device index) -> _Launch, or None when that kind stays on the public call.
@@ -103,11 +101,10 @@ def backward_stages(c_stages: int | None, capacity: tuple[int, int]) -> int | No
 
 
 def compile_backward(io_dtype: torch.dtype, activation: str, config: Any, capacity: tuple[int, int],
-                     stages: int | None, early_c: bool = False, epi_tile: tuple[int, int] | None = None) -> Callable:
+                     stages: int | None) -> Callable:
     """The dgated backward kernel the direct launch runs: QuACK's own (``stages`` None), or its Hopper
-    subclass with ``stages`` C buffers, issuing its first C loads before the epilogue barrier when
-    ``early_c``, with an ``epi_tile`` epilogue subtile when given (``quack_dgated_prefetch``;
-    ``backward_stages`` picks). No device needed, as for ``compile_forward``."""
+    subclass with ``stages`` C buffers (``quack_dgated_prefetch``; ``backward_stages`` picks). No
+    device needed, as for ``compile_forward``."""
     from quack.cute_dsl_utils import torch2cute_dtype_map
     from quack.gemm_dact import _compile_gemm_dact
 
@@ -120,22 +117,20 @@ def compile_backward(io_dtype: torch.dtype, activation: str, config: Any, capaci
                                   (config.tile_m, config.tile_n), (config.cluster_m, config.cluster_n, 1),
                                   config.pingpong, True, True, activation, None, 0, None, 0, False, False,
                                   capacity, "dgated")
-    return quack_dgated_prefetch.compile_dgated(cute, f32, activation, config, capacity, stages, early_c, epi_tile)
+    return quack_dgated_prefetch.compile_dgated(cute, f32, activation, config, capacity, stages)
 
 
-def _backward_launch(dy2: Tensor, activation: str, config: Any, c_stages: int | None, early_c: bool,
-                     epi_tile: tuple[int, int] | None) -> _Launch:
+def _backward_launch(dy2: Tensor, activation: str, config: Any, c_stages: int | None) -> _Launch:
     from quack.cute_dsl_utils import get_device_capacity, get_max_active_clusters
     from quack.gemm_dact import GemmDGatedMixin
     from quack.gemm_tvm_ffi_utils import make_scheduler_args
 
     capacity = get_device_capacity(dy2.device)
     stages = backward_stages(c_stages, capacity)
-    epi_tile = epi_tile if stages is not None else None  # QuACK's own kernel keeps its own subtile
-    kernel = compile_backward(dy2.dtype, activation, config, capacity, stages, early_c, epi_tile)
+    kernel = compile_backward(dy2.dtype, activation, config, capacity, stages)
     clusters = get_max_active_clusters(config.cluster_m * config.cluster_n)
     return _Launch(kernel, GemmDGatedMixin.EpilogueArguments, make_scheduler_args, clusters, config.max_swizzle_size,
-                   stages, bool(stages is not None and early_c and config.pingpong), epi_tile)
+                   stages)
 
 
 def _backward_direct(launch: _Launch, dy2: Tensor, w_down: Tensor, preact: Tensor, dpreact: Tensor,
@@ -209,9 +204,7 @@ def gated_backward(dy2: Tensor, w_down: Tensor, preact: Tensor, dpreact: Tensor,
     elif launch is None:
         public()
     else:
-        # read outside _first_launch: a bad setting raises
-        c_stages, early_c = quack_dgated_prefetch.c_stages(), quack_dgated_prefetch.early_c()
-        epi_tile = quack_dgated_prefetch.epi_tile()
-        _first_launch(key, lambda: _backward_launch(dy2, activation, config, c_stages, early_c, epi_tile),
+        c_stages = quack_dgated_prefetch.c_stages()  # read outside _first_launch: a bad setting raises
+        _first_launch(key, lambda: _backward_launch(dy2, activation, config, c_stages),
                       lambda la: _backward_direct(la, dy2, w_down, preact, dpreact, postact), public,
                       (dpreact, postact))

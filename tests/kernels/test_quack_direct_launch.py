@@ -136,44 +136,6 @@ def test_bad_dgated_c_stages_setting_names_the_variable(value, monkeypatch):
         quack_dgated_prefetch.c_stages()
 
 
-@pytest.mark.parametrize("value,early", [("1", True), (" On ", True), ("0", False), ("false", False)])
-def test_early_c_setting(value, early, monkeypatch):
-    from chronicals_compile.kernels import quack_dgated_prefetch
-
-    monkeypatch.setenv("CHRONICALS_QUACK_DGATED_EARLY_C", value)
-    assert quack_dgated_prefetch.early_c() is early
-
-
-def test_early_c_default_and_bad_setting(monkeypatch):
-    from chronicals_compile.kernels import quack_dgated_prefetch
-
-    monkeypatch.delenv("CHRONICALS_QUACK_DGATED_EARLY_C", raising=False)
-    assert quack_dgated_prefetch.early_c() is quack_dgated_prefetch.DEFAULT_EARLY_C
-    monkeypatch.setenv("CHRONICALS_QUACK_DGATED_EARLY_C", "yes please")
-    with pytest.raises(ValueError, match="CHRONICALS_QUACK_DGATED_EARLY_C"):
-        quack_dgated_prefetch.early_c()
-
-
-@pytest.mark.parametrize("value,tile", [(None, None), ("quack", None), ("64x64", (64, 64)), (" 64X128 ", (64, 128))])
-def test_epi_tile_setting(value, tile, monkeypatch):
-    from chronicals_compile.kernels import quack_dgated_prefetch
-
-    if value is None:
-        monkeypatch.delenv("CHRONICALS_QUACK_DGATED_EPI_TILE", raising=False)
-    else:
-        monkeypatch.setenv("CHRONICALS_QUACK_DGATED_EPI_TILE", value)
-    assert quack_dgated_prefetch.epi_tile() == tile
-
-
-@pytest.mark.parametrize("value", ["64", "32x32", "64x48", "big"])
-def test_bad_epi_tile_setting_names_the_variable(value, monkeypatch):
-    from chronicals_compile.kernels import quack_dgated_prefetch
-
-    monkeypatch.setenv("CHRONICALS_QUACK_DGATED_EPI_TILE", value)
-    with pytest.raises(ValueError, match="CHRONICALS_QUACK_DGATED_EPI_TILE"):
-        quack_dgated_prefetch.epi_tile()
-
-
 def test_deep_c_prefetch_refuses_other_than_hopper():
     """sm100 keeps QuACK's own kernel (the direct launch asks only on capability 9); asked anyway,
     the compile says why instead of building a Hopper kernel there."""
