@@ -64,7 +64,8 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-cce-lean", "chronicals-no-epilogue", "chronicals-epilogue-cudagraphs",
             "chronicals-concat-cudagraphs", "inductor-cudagraphs", "chronicals-fa4", "chronicals-fa4-cudagraphs",
             "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public",
-            "chronicals-concat-kv", "chronicals-dgated-c2", "chronicals-dgated-c1x2", "chronicals-dgated-c2x1")
+            "chronicals-concat-kv", "chronicals-dgated-c2", "chronicals-dgated-c1x2", "chronicals-dgated-c2x1",
+            "chronicals-pdl", "inductor-pdl", "chronicals-combo", "chronicals-pdl-combo")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
@@ -73,8 +74,14 @@ VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue
                 "inductor-cudagraphs": "reduce-overhead",  # plain torch.compile's CUDA graphs: the fair reference
                 "chronicals-autotune": "max-autotune-no-cudagraphs"}
 #: Inductor config keys a chronicals variant passes through our options.
+#: ``*-pdl``: Programmatic Dependent Launch for Inductor's Triton kernels (Hopper+: each kernel
+#: may start while the one before it drains, and waits on the GPU only before touching that one's
+#: outputs); ``*-combo``: Inductor's horizontal fusion of independent kernels (fewer launches).
 VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
-                    "chronicals-autotune-gemm": {"max_autotune_gemm": True}}
+                    "chronicals-autotune-gemm": {"max_autotune_gemm": True},
+                    "chronicals-pdl": {"triton.enable_pdl": True}, "inductor-pdl": {"triton.enable_pdl": True},
+                    "chronicals-combo": {"combo_kernels": True},
+                    "chronicals-pdl-combo": {"triton.enable_pdl": True, "combo_kernels": True}}
 #: Patterns a chronicals variant enables beyond the defaults (rope and gqa_attention are on by
 #: default since sessions 6 and 5: their variants name them for older defaults).
 VARIANT_ENABLE = {
@@ -208,6 +215,8 @@ def worker(spec: dict) -> dict:
     loss_step = None
     if variant in ("inductor", "liger-compiled", "inductor-cudagraphs"):
         model.compile(mode=VARIANT_MODE.get(variant))
+    elif variant == "inductor-pdl":  # plain torch.compile with the same switch: the fair reference
+        model.compile(options=VARIANT_INDUCTOR[variant])
     elif variant.startswith("cce"):
         try:
             loss_step = _cce_loss_step(model, variant, device)
