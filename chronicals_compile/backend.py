@@ -31,6 +31,8 @@ def chronicals_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**(list_mode_options(mode) if mode else {}), **inductor_options}
+    if ours.pdl and hasattr(torch._inductor.config.triton, "enable_pdl"):
+        patches.setdefault("triton.enable_pdl", True)
     # the compile caches hash graphs, not our ops' bodies or our node metadata: key them by our source
     from .compile_cache import joint_pass_patch
 

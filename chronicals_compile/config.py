@@ -97,6 +97,12 @@ class Options:
     #: and holds less between forward and backward. ``None`` leaves torch's default (1.0, i.e.
     #: recompute only what is free). Inductor only: the other compilers do not partition by cost.
     memory_budget: float | None = None
+    #: Programmatic Dependent Launch for Inductor's Triton kernels (``triton.enable_pdl``, Hopper
+    #: and later; ignored elsewhere and by a torch without it): each kernel may be scheduled while
+    #: the one before it drains and waits on the GPU only before it touches that one's outputs,
+    #: which hides part of the ~1 us launch gap between the step's ~1,600 kernels, in the same
+    #: bits (tests/gpu/test_pdl_gpu.py). An explicit ``triton.enable_pdl`` among the options wins.
+    pdl: bool = False
 
     def enabled(self, pattern: str, device_type: str | None = None) -> bool:
         if pattern in self.disable:
@@ -148,6 +154,8 @@ def make_options(**kwargs: Any) -> Options:
     rows = kwargs.get("cce_chunk_rows")
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ValueError(f"chronicals.cce_chunk_rows must be a positive integer or None; got {rows!r}")
+    if not isinstance(kwargs.get("pdl", False), bool):
+        raise ValueError(f"chronicals.pdl must be True or False; got {kwargs['pdl']!r}")
     budget = kwargs.get("memory_budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not 0.0 <= budget <= 1.0):

@@ -146,3 +146,32 @@ def test_memory_budget_saves_less_for_backward_with_the_same_gradients():
     assert lean_bytes < default_bytes, (lean_bytes, default_bytes)
     for ours, ref in zip(lean_grads + default_grads, eager_grads + eager_grads):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"chronicals.pdl": True}, True),
+    ({"chronicals.pdl": True, "triton.enable_pdl": False}, False),  # Inductor's own key wins
+    ({}, None),
+])
+def test_pdl_option_reaches_inductor(monkeypatch, options, expected):
+    """chronicals.pdl becomes Inductor's ``triton.enable_pdl`` patch (its effect on the GPU, the
+    same bits with the waits present, is tests/gpu/test_pdl_gpu.py)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.update(config_patches or {})
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    from chronicals_compile.backend import chronicals_backend
+
+    gm = torch.fx.symbolic_trace(nn.Linear(4, 4))
+    chronicals_backend(gm, [torch.randn(2, 4)], options=options)
+    assert seen.get("triton.enable_pdl") is expected
+
+
+def test_pdl_option_must_be_a_bool():
+    with pytest.raises(ValueError, match="chronicals.pdl"):
+        chronicals_compile.compile(tiny_model("llama"), pdl="yes")
