@@ -65,7 +65,7 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-concat-cudagraphs", "inductor-cudagraphs", "chronicals-fa4", "chronicals-fa4-cudagraphs",
             "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public",
             "chronicals-concat-kv", "chronicals-dgated-c2", "chronicals-dgated-c1x2", "chronicals-dgated-c2x1",
-            "chronicals-pdl", "inductor-pdl", "chronicals-combo", "chronicals-pdl-combo")
+            "chronicals-pdl", "inductor-pdl", "chronicals-combo", "chronicals-pdl-combo", "chronicals-nomix")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
@@ -76,12 +76,16 @@ VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue
 #: Inductor config keys a chronicals variant passes through our options.
 #: ``*-pdl``: Programmatic Dependent Launch for Inductor's Triton kernels (Hopper+: each kernel
 #: may start while the one before it drains, and waits on the GPU only before touching that one's
-#: outputs); ``*-combo``: Inductor's horizontal fusion of independent kernels (fewer launches).
+#: outputs); ``*-combo``: Inductor's horizontal fusion of independent kernels (fewer launches);
+#: ``chronicals-nomix``: without Inductor's mixed-order reductions (the RMSNorm backward's row and
+#: column sums in one kernel, whose partial column sums end in an aten sum and a cast: 2 x 49
+#: kernels a step in session 14's H200 profile).
 VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
                     "chronicals-autotune-gemm": {"max_autotune_gemm": True},
                     "chronicals-pdl": {"triton.enable_pdl": True}, "inductor-pdl": {"triton.enable_pdl": True},
                     "chronicals-combo": {"combo_kernels": True},
-                    "chronicals-pdl-combo": {"triton.enable_pdl": True, "combo_kernels": True}}
+                    "chronicals-pdl-combo": {"triton.enable_pdl": True, "combo_kernels": True},
+                    "chronicals-nomix": {"mix_order_reduction": False}}
 #: Patterns a chronicals variant enables beyond the defaults (rope and gqa_attention are on by
 #: default since sessions 6 and 5: their variants name them for older defaults).
 VARIANT_ENABLE = {
