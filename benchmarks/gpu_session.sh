@@ -37,6 +37,9 @@
 #                   and the forward under other pinned configs (idle + kernel time)
 #   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
 #   e2e-levers=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-cudagraphs (reduce-overhead)
+#   e2e-pdl=330     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-pdl, inductor-pdl (Inductor's Programmatic
+#                   Dependent Launch, ours and plain compile's); $E2E_PDL_VARIANTS overrides (e.g. add chronicals-nomix,
+#                   chronicals-combo)
 #   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
 #   concat-micro=60 linears on one input apart vs one GEMM (bench_concat_linear.py), fwd+bwd, no compile
 #   mlp-epilogue=120  a Triton GEMM with the SwiGLU math in its epilogue vs cuBLAS + Inductor's kernel (bench_mlp_epilogue.py)
@@ -136,6 +139,8 @@ for stage in "${stages[@]}"; do
            --variants inductor,chronicals,chronicals-gqa,chronicals-rope 2>&1 | grep "^e2e:\|^|" ;;
     e2e-levers) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_levers \
            --variants inductor,chronicals,chronicals-gqa,chronicals-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-pdl) timeout "${secs:-330}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_pdl \
+           --variants "${E2E_PDL_VARIANTS:-inductor,chronicals,chronicals-pdl,inductor-pdl}" 2>&1 | grep "^e2e:\|^|" ;;
     e2e-rope) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_rope \
            --variants inductor,chronicals,chronicals-rope,chronicals-cudagraphs,chronicals-rope-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
     concat-micro) timeout "${secs:-60}" python3 benchmarks/bench_concat_linear.py 2>&1 | tee "$OUT/concat_micro.md" | grep "^|" ;;
