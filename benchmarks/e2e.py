@@ -78,14 +78,15 @@ VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue
 #: may start while the one before it drains, and waits on the GPU only before touching that one's
 #: outputs); ``*-combo``: Inductor's horizontal fusion of independent kernels (fewer launches);
 #: ``chronicals-nomix``: without Inductor's mixed-order reductions (the RMSNorm backward's row and
-#: column sums in one kernel, whose partial column sums end in an aten sum and a cast: 2 x 49
-#: kernels a step in session 14's H200 profile).
+#: column sums in one kernel, whose partial column sums end in a wrapper-level
+#: ``ws.view(nsplit, d).sum(dim=0).to(bf16)``, torch/_inductor/codegen/simd.py: the 49 aten float
+#: sums (9.7 us each) and 49 casts a step in session 14's H200 profile, Inductor's step and ours).
 VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
                     "chronicals-autotune-gemm": {"max_autotune_gemm": True},
                     "chronicals-pdl": {"triton.enable_pdl": True}, "inductor-pdl": {"triton.enable_pdl": True},
                     "chronicals-combo": {"combo_kernels": True},
                     "chronicals-pdl-combo": {"triton.enable_pdl": True, "combo_kernels": True},
-                    "chronicals-nomix": {"mix_order_reduction": False}}
+                    "chronicals-nomix": {"triton.mix_order_reduction": False}}
 #: Patterns a chronicals variant enables beyond the defaults (rope and gqa_attention are on by
 #: default since sessions 6 and 5: their variants name them for older defaults).
 VARIANT_ENABLE = {
