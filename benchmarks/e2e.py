@@ -73,7 +73,8 @@ VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue
                 "chronicals-fa4-cudagraphs": "reduce-overhead", "chronicals-chunk5504-cudagraphs": "reduce-overhead",
                 "inductor-cudagraphs": "reduce-overhead",  # plain torch.compile's CUDA graphs: the fair reference
                 "chronicals-autotune": "max-autotune-no-cudagraphs"}
-#: Inductor config keys a chronicals variant passes through our options.
+#: Inductor config keys a chronicals variant passes through our options (``inductor-pdl``: plain
+#: torch.compile with the same keys).
 #: ``*-pdl``: Programmatic Dependent Launch for Inductor's Triton kernels (Hopper+: each kernel
 #: may start while the one before it drains, and waits on the GPU only before touching that one's
 #: outputs); ``*-combo``: Inductor's horizontal fusion of independent kernels (fewer launches);

@@ -12,8 +12,9 @@ that epilogue, as ``gate_recompute`` does for the unfused graph.
 
 Layout: QuACK's epilogue takes gate and up columns interleaved (g0, u0, g1, u1, ...), so the op
 interleaves the two weights each call (a copy of 2 x F x d elements, ~17 MB a layer at
-Qwen2.5-0.5B: ~10 us) and de-interleaves their gradient; ``x @ W1.T`` with that weight is one
-GEMM, as are its input gradient ``d(preact) @ W1`` and weight gradient ``d(preact).T @ x``.
+Qwen2.5-0.5B: ~10 us); ``x @ W1.T`` with that weight is one GEMM, as are its input gradient
+``d(preact) @ W1`` and weight gradient ``d(preact).T @ x``, which the autograd formula splits
+back into the gate's and the up projection's (``_deinterleave``).
 
 CUDA with QuACK runs its kernels (``kernels.quack_gated_gemm``); everything else runs the same
 layout in torch ops, the specification the GPU path is tested against (and what CPU tests of the
