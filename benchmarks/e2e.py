@@ -65,7 +65,8 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-concat-cudagraphs", "inductor-cudagraphs", "chronicals-fa4", "chronicals-fa4-cudagraphs",
             "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public",
             "chronicals-concat-kv", "chronicals-dgated-c2", "chronicals-dgated-c1x2", "chronicals-dgated-c2x1",
-            "chronicals-pdl", "inductor-pdl", "chronicals-combo", "chronicals-pdl-combo", "chronicals-nomix")
+            "chronicals-pdl", "inductor-pdl", "chronicals-combo", "chronicals-pdl-combo", "chronicals-nomix",
+            "chronicals-pdl-nomix", "inductor-nomix")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
@@ -87,7 +88,9 @@ VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
                     "chronicals-pdl": {"triton.enable_pdl": True}, "inductor-pdl": {"triton.enable_pdl": True},
                     "chronicals-combo": {"combo_kernels": True},
                     "chronicals-pdl-combo": {"triton.enable_pdl": True, "combo_kernels": True},
-                    "chronicals-nomix": {"triton.mix_order_reduction": False}}
+                    "chronicals-nomix": {"triton.mix_order_reduction": False},
+                    "inductor-nomix": {"triton.mix_order_reduction": False},
+                    "chronicals-pdl-nomix": {"triton.enable_pdl": True, "triton.mix_order_reduction": False}}
 #: Patterns a chronicals variant enables beyond the defaults (rope and gqa_attention are on by
 #: default since sessions 6 and 5: their variants name them for older defaults).
 VARIANT_ENABLE = {
@@ -221,7 +224,7 @@ def worker(spec: dict) -> dict:
     loss_step = None
     if variant in ("inductor", "liger-compiled", "inductor-cudagraphs"):
         model.compile(mode=VARIANT_MODE.get(variant))
-    elif variant == "inductor-pdl":  # plain torch.compile with the same switch: the fair reference
+    elif variant in ("inductor-pdl", "inductor-nomix"):  # plain torch.compile with the same switch: the fair reference
         model.compile(options=VARIANT_INDUCTOR[variant])
     elif variant.startswith("cce"):
         try:

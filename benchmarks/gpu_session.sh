@@ -38,7 +38,7 @@
 #   e2e-gqa=200     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-rope
 #   e2e-levers=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-cudagraphs (reduce-overhead)
 #   e2e-pdl=330     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-pdl, inductor-pdl (Inductor's Programmatic
-#                   Dependent Launch, ours and plain compile's); $E2E_PDL_VARIANTS overrides (e.g. add chronicals-nomix,
+#                   Dependent Launch, ours and plain compile's); $E2E_PDL_VARIANTS overrides (e.g. add chronicals-nomix, inductor-nomix, chronicals-pdl-nomix,
 #                   chronicals-combo)
 #   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
 #   concat-micro=60 linears on one input apart vs one GEMM (bench_concat_linear.py), fwd+bwd, no compile

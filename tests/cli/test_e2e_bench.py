@@ -73,3 +73,21 @@ def test_precompile_launches_each_compiled_variant_once_untimed(monkeypatch):
     assert [s["variant"] for s in launched] == ["inductor", "chronicals", "chronicals-gqa"]
     assert all(s["steps"] == 1 and s["warmup"] == 0 and s["precompile"] for s in launched)
     assert not alive
+
+
+def test_every_inductor_key_a_variant_passes_exists_in_this_torch():
+    """A misspelt key costs a device call (session 26's first nomix key lived under ``triton.``):
+    every key the variants hand Inductor must name a config entry here (torch 2.13; the device's
+    2.11 has the same keys)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import e2e
+    from torch._inductor import config
+
+    assert set(e2e.VARIANT_INDUCTOR) <= set(e2e.VARIANTS)
+    for variant, patches in e2e.VARIANT_INDUCTOR.items():
+        for key in patches:
+            owner = config
+            *parents, leaf = key.split(".")
+            for part in parents:
+                owner = getattr(owner, part)
+            assert hasattr(owner, leaf), (variant, key)
