@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     wg, wu = (torch.randn(f, d, device=dev, dtype=dt, generator=g) * 0.03 for _ in range(2))
     wd = torch.randn(d, f, device=dev, dtype=dt, generator=g) * 0.03
     w1 = gm._interleave(wg, wu)
+    no_w1 = wg.new_empty(0)  # the backward op interleaves again (the default: no kept weight)
     preact, h = quack_gated_gemm.gated_forward(x, w1, "swiglu")
     dy = torch.randn(m, d, device=dev, dtype=dt, generator=g)
     q = torch.randn(8, 14, m // 8, 64, device=dev, dtype=dt, generator=g)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         ("the op's body alone (no dispatcher)",
          lambda: gm.gated_mlp(x, wg, wu, wd, "swiglu")),
         ("chronicals::gated_mlp_backward (the op)",
-         lambda: torch.ops.chronicals.gated_mlp_backward(dy, x, preact, wg, wu, wd, "swiglu", [True] * 4)),
+         lambda: torch.ops.chronicals.gated_mlp_backward(dy, x, preact, wg, wu, wd, "swiglu", [True] * 4, no_w1)),
         ("SDPA cuDNN causal, enable_gqa (Qwen0.5B layer)",
          lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)),
     ]

@@ -39,7 +39,7 @@
 #   e2e-levers=300  Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-gqa, chronicals-cudagraphs (reduce-overhead)
 #   e2e-pdl=330     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-pdl, inductor-pdl (Inductor's Programmatic
 #                   Dependent Launch, ours and plain compile's); $E2E_PDL_VARIANTS overrides (e.g. add chronicals-nomix, inductor-nomix, chronicals-pdl-nomix,
-#                   chronicals-combo)
+#                   chronicals-combo, chronicals-keep-w1)
 #   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
 #   concat-micro=60 linears on one input apart vs one GEMM (bench_concat_linear.py), fwd+bwd, no compile
 #   mlp-epilogue=120  a Triton GEMM with the SwiGLU math in its epilogue vs cuBLAS + Inductor's kernel (bench_mlp_epilogue.py)

@@ -172,6 +172,7 @@ def test_pdl_option_reaches_inductor(monkeypatch, options, expected):
     assert seen.get("triton.enable_pdl") is expected
 
 
-def test_pdl_option_must_be_a_bool():
-    with pytest.raises(ValueError, match="chronicals.pdl"):
-        chronicals_compile.compile(tiny_model("llama"), pdl="yes")
+@pytest.mark.parametrize("key", ["pdl", "mlp_keep_weight"])
+def test_switch_options_must_be_bools(key):
+    with pytest.raises(ValueError, match=f"chronicals.{key} must be True or False"):
+        chronicals_compile.compile(tiny_model("llama"), **{key: "yes"})

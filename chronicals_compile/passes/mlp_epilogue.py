@@ -126,5 +126,6 @@ def match(node: fx.Node, ctx=None):
 
 def rewrite(gm: fx.GraphModule, found, ctx) -> fx.Node:
     down, x, w_gate, w_up, w_down, activation, interior = found
+    keep = bool(getattr(getattr(ctx, "options", None), "mlp_keep_weight", False))
     return replace_with_first_output(gm, down, torch.ops.chronicals.gated_mlp.default,
-                                     (x, w_gate, w_up, w_down, activation), interior)
+                                     (x, w_gate, w_up, w_down, activation, keep), interior)

@@ -75,15 +75,19 @@ def test_precompile_launches_each_compiled_variant_once_untimed(monkeypatch):
     assert not alive
 
 
-def test_every_inductor_key_a_variant_passes_exists_in_this_torch():
+def test_every_option_a_variant_passes_exists_here():
     """A misspelt key costs a device call (session 26's first nomix key lived under ``triton.``):
     every key the variants hand Inductor must name a config entry here (torch 2.13; the device's
-    2.11 has the same keys)."""
+    2.11 has the same keys), and our own options must pass their validation."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import e2e
     from torch._inductor import config
 
-    assert set(e2e.VARIANT_INDUCTOR) <= set(e2e.VARIANTS)
+    assert set(e2e.VARIANT_INDUCTOR) | set(e2e.VARIANT_OPTIONS) <= set(e2e.VARIANTS)
+    from chronicals_compile.config import make_options
+
+    for options in e2e.VARIANT_OPTIONS.values():
+        make_options(**options)  # a bad name or value raises
     for variant, patches in e2e.VARIANT_INDUCTOR.items():
         for key in patches:
             owner = config

@@ -41,10 +41,29 @@ def test_frozen_weights_get_no_gradient():
     x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ws = [torch.randn(256, 128, device="cuda", dtype=torch.bfloat16), torch.randn(256, 128, device="cuda", dtype=torch.bfloat16),
           torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)]
-    y, _ = torch.ops.chronicals.gated_mlp(x, *ws, "swiglu")
+    y, *_ = torch.ops.chronicals.gated_mlp(x, *ws, "swiglu")
     y.sum().backward()
     assert ws[0].grad is None and ws[1].grad is None
     assert x.grad is not None and ws[2].grad is not None and x.grad.abs().sum() > 0
+
+
+def test_kept_weight_gives_the_same_bits_on_quack():
+    """``keep_weight`` (``chronicals.mlp_keep_weight``): the backward's input gradient GEMM reads
+    the forward's interleaved weight instead of a new interleave; every output is bit-identical."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(2, 999, 896, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ws = [torch.randn(4864, 896, device="cuda", dtype=torch.bfloat16, generator=gen) / 30,
+          torch.randn(4864, 896, device="cuda", dtype=torch.bfloat16, generator=gen) / 30,
+          torch.randn(896, 4864, device="cuda", dtype=torch.bfloat16, generator=gen) / 70]
+    dy = torch.randn_like(x)
+    results = []
+    for keep in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *ws)]
+        y, _, w1 = torch.ops.chronicals.gated_mlp(*leaves, "swiglu", keep)
+        assert w1.numel() == (2 * 4864 * 896 if keep else 0)
+        results.append([y, *torch.autograd.grad(y, leaves, dy)])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all() and torch.equal(got, want)
 
 
 def test_compiled_bf16_model_trains_like_eager():

@@ -35,6 +35,23 @@ def test_inductor_compiled_model_trains_like_eager(quack_ready):
     assert_same_training_step(eager, compiled)
 
 
+@pytest.mark.parametrize("keep, interleaves", [(False, 2 * LAYERS), (True, LAYERS)])
+def test_kept_weight_option_reaches_the_op_and_trains_the_same(quack_ready, monkeypatch, keep, interleaves):
+    """``mlp_keep_weight``: the backward uses the forward's interleaved weight (one interleave a
+    layer instead of two) and the step equals eager's."""
+    from chronicals_compile.ops import gated_mlp as op_module
+
+    calls = []
+    original = op_module._interleave
+    monkeypatch.setattr(op_module, "_interleave", lambda *a: calls.append(1) or original(*a))
+    model = tiny_model("qwen2", layers=LAYERS)
+    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=12),
+                                                options={"compiler": "aot_eager", "mlp_keep_weight": keep})
+    assert report.swaps.get("mlp_epilogue") == LAYERS, str(report)
+    assert_same_training_step(eager, compiled)
+    assert len(calls) == interleaves
+
+
 class _Mlp(torch.nn.Module):
     """One MLP with the variations the pass must refuse."""
 
