@@ -66,7 +66,7 @@ VARIANTS = ("eager", "inductor", "liger", "liger-compiled", "cce", "cce-exact", 
             "chronicals-chunk5504", "chronicals-chunk5504-cudagraphs", "chronicals-quack-ce", "chronicals-triton-ce", "chronicals-quack-public",
             "chronicals-concat-kv", "chronicals-dgated-c2", "chronicals-dgated-c1x2", "chronicals-dgated-c2x1",
             "chronicals-pdl", "inductor-pdl", "chronicals-combo", "chronicals-pdl-combo", "chronicals-nomix",
-            "chronicals-pdl-nomix", "inductor-nomix", "chronicals-keep-w1")
+            "chronicals-pdl-nomix", "inductor-nomix", "chronicals-keep-w1", "chronicals-levers27")
 #: Inductor mode of a chronicals variant; ``reduce-overhead`` replays CUDA graphs, so each of its
 #: steps is marked (outputs are cloned for every variant).
 VARIANT_MODE = {"chronicals-cudagraphs": "reduce-overhead", "chronicals-epilogue-cudagraphs": "reduce-overhead",
@@ -90,10 +90,13 @@ VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
                     "chronicals-pdl-combo": {"triton.enable_pdl": True, "combo_kernels": True},
                     "chronicals-nomix": {"triton.mix_order_reduction": False},
                     "inductor-nomix": {"triton.mix_order_reduction": False},
-                    "chronicals-pdl-nomix": {"triton.enable_pdl": True, "triton.mix_order_reduction": False}}
+                    "chronicals-pdl-nomix": {"triton.enable_pdl": True, "triton.mix_order_reduction": False},
+                    "chronicals-levers27": {"triton.enable_pdl": True, "triton.mix_order_reduction": False}}
 #: Our own options a chronicals variant sets (``chronicals-keep-w1``: the MLP's backward reuses the
 #: forward's interleaved gate/up weight, ``chronicals.mlp_keep_weight``).
-VARIANT_OPTIONS = {"chronicals-keep-w1": {"mlp_keep_weight": True}}
+#: ``chronicals-levers27``: the three levers session 27 left unmeasured (PDL, no mixed-order
+#: reductions, the kept weight) together, beside each alone.
+VARIANT_OPTIONS = {"chronicals-keep-w1": {"mlp_keep_weight": True}, "chronicals-levers27": {"mlp_keep_weight": True}}
 #: Patterns a chronicals variant enables beyond the defaults (rope and gqa_attention are on by
 #: default since sessions 6 and 5: their variants name them for older defaults).
 VARIANT_ENABLE = {
