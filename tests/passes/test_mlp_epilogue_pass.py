@@ -28,9 +28,10 @@ def test_every_mlp_fused_and_training_unchanged(quack_ready, family, act):
     assert_same_training_step(eager, compiled)
 
 
-def test_inductor_compiled_model_trains_like_eager(quack_ready):
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "kept-weight"])
+def test_inductor_compiled_model_trains_like_eager(quack_ready, keep):
     model = tiny_model("qwen2", layers=LAYERS)
-    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=10))
+    report, eager, compiled = compiled_vs_eager(model, random_batch(seq=10), options={"mlp_keep_weight": keep})
     assert report.swaps.get("mlp_epilogue") == LAYERS, str(report)
     assert_same_training_step(eager, compiled)
 
