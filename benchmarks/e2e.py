@@ -90,13 +90,14 @@ VARIANT_INDUCTOR = {"chronicals-tuned": {"coordinate_descent_tuning": True},
                     "chronicals-pdl-combo": {"triton.enable_pdl": True, "combo_kernels": True},
                     "chronicals-nomix": {"triton.mix_order_reduction": False},
                     "inductor-nomix": {"triton.mix_order_reduction": False},
-                    "chronicals-pdl-nomix": {"triton.enable_pdl": True, "triton.mix_order_reduction": False},
-                    "chronicals-levers27": {"triton.enable_pdl": True, "triton.mix_order_reduction": False}}
+                    "chronicals-pdl-nomix": {"triton.enable_pdl": True, "triton.mix_order_reduction": False}}
 #: Our own options a chronicals variant sets (``chronicals-keep-w1``: the MLP's backward reuses the
 #: forward's interleaved gate/up weight, ``chronicals.mlp_keep_weight``).
+VARIANT_OPTIONS = {"chronicals-keep-w1": {"mlp_keep_weight": True}}
 #: ``chronicals-levers27``: the three levers session 27 left unmeasured (PDL, no mixed-order
 #: reductions, the kept weight) together, beside each alone.
-VARIANT_OPTIONS = {"chronicals-keep-w1": {"mlp_keep_weight": True}, "chronicals-levers27": {"mlp_keep_weight": True}}
+VARIANT_INDUCTOR["chronicals-levers27"] = VARIANT_INDUCTOR["chronicals-pdl-nomix"]
+VARIANT_OPTIONS["chronicals-levers27"] = VARIANT_OPTIONS["chronicals-keep-w1"]
 #: Patterns a chronicals variant enables beyond the defaults (rope and gqa_attention are on by
 #: default since sessions 6 and 5: their variants name them for older defaults).
 VARIANT_ENABLE = {
@@ -230,7 +231,7 @@ def worker(spec: dict) -> dict:
     loss_step = None
     if variant in ("inductor", "liger-compiled", "inductor-cudagraphs"):
         model.compile(mode=VARIANT_MODE.get(variant))
-    elif variant in ("inductor-pdl", "inductor-nomix"):  # plain torch.compile with the same switch: the fair reference
+    elif variant.startswith("inductor-") and variant in VARIANT_INDUCTOR:  # plain compile, same switch: the fair reference
         model.compile(options=VARIANT_INDUCTOR[variant])
     elif variant.startswith("cce"):
         try:
