@@ -188,29 +188,28 @@ def _cce_loss_step(model, variant: str, device: str):
     return step
 
 
-def worker(spec: dict) -> dict:
+class Unavailable(Exception):
+    """A variant that cannot run here (a peer package missing): a row saying so, not an error."""
+
+
+def build_variant(spec: dict):
+    """``(model, trainable, optimizer, loss_step, vocab)`` of one variant, compiled as its row says
+    (``loss_step`` is None where the model computes its own loss). Shared by the one-process-per-
+    variant runs here and the interleaved ones of ``e2e_paired.py``, so both time the same thing."""
     import torch
 
-    if spec.get("precompile"):
-        # fill the compile caches only: leave kernel-config benchmarking (done at a kernel's first
-        # launch, on a GPU shared with other precompiling workers) to the timed run
-        torch._inductor.config.autotune_local_cache = False
-
-    from chronicals_compile.cli import metrics, presets
+    from chronicals_compile.cli import presets
     from chronicals_compile.runtime import enable_activation_checkpointing
 
     device = spec["device"]
     dtype = getattr(torch, spec["dtype"])
     preset = presets.PRESETS[spec["preset"]]
     variant, mode = spec["variant"], spec["mode"]
-    batch, seq = spec["batch"], spec["seq"]
-    result = {k: spec[k] for k in ("shape", "mode", "variant")}
-
     if variant.startswith("liger"):
         try:
             _apply_liger(preset.family)
         except ImportError as err:
-            return {**result, "status": f"n/a (liger_kernel not importable: {err.name or err})"}
+            raise Unavailable(f"n/a (liger_kernel not importable: {err.name or err})") from err
     torch.manual_seed(spec["seed"])
     vocab = preset.vocab or TINY_VOCAB
     model = presets.build_model(preset, vocab, dtype=dtype, device=device, seed=spec["seed"])
@@ -237,26 +236,69 @@ def worker(spec: dict) -> dict:
         try:
             loss_step = _cce_loss_step(model, variant, device)
         except ImportError as err:
-            return {**result, "status": f"n/a (cut_cross_entropy not importable: {err.name or err})"}
+            raise Unavailable(f"n/a (cut_cross_entropy not importable: {err.name or err})") from err
     elif variant.startswith("chronicals"):
         import chronicals_compile
-        from chronicals_compile.config import CUDA_OFF_BY_DEFAULT, OFF_BY_DEFAULT
 
-        options = {} if spec.get("chronicals_compiler", "inductor") == "inductor" else {
-            "compiler": spec["chronicals_compiler"]}
-        if variant == "chronicals-all":
-            options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
-        if variant in VARIANT_ENABLE:
-            options["enable"] = VARIANT_ENABLE[variant]
-        if variant in VARIANT_DISABLE:
-            options["disable"] = VARIANT_DISABLE[variant]
-        if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)
-            options["memory_budget"] = spec["lean_budget"]
-        options.update(VARIANT_INDUCTOR.get(variant, {}))
-        options.update(VARIANT_OPTIONS.get(variant, {}))
-        if variant in VARIANT_MODE:
-            options["mode"] = VARIANT_MODE[variant]
-        chronicals_compile.compile(model, **options)
+        chronicals_compile.compile(model, **chronicals_options(spec))
+    return model, trainable, optimizer, loss_step, vocab
+
+
+def chronicals_options(spec: dict) -> dict:
+    """The options a chronicals variant hands ``chronicals_compile.compile``."""
+    from chronicals_compile.config import CUDA_OFF_BY_DEFAULT, OFF_BY_DEFAULT
+
+    variant = spec["variant"]
+    options = {} if spec.get("chronicals_compiler", "inductor") == "inductor" else {
+        "compiler": spec["chronicals_compiler"]}
+    if variant == "chronicals-all":
+        options["enable"] = sorted({*CUDA_OFF_BY_DEFAULT, *OFF_BY_DEFAULT})
+    if variant in VARIANT_ENABLE:
+        options["enable"] = VARIANT_ENABLE[variant]
+    if variant in VARIANT_DISABLE:
+        options["disable"] = VARIANT_DISABLE[variant]
+    if variant == "chronicals-lean":  # recompute more in backward, hold less (see --lean-budget)
+        options["memory_budget"] = spec["lean_budget"]
+    options.update(VARIANT_INDUCTOR.get(variant, {}))
+    options.update(VARIANT_OPTIONS.get(variant, {}))
+    if variant in VARIANT_MODE:
+        options["mode"] = VARIANT_MODE[variant]
+    return options
+
+
+def training_step(model, trainable, optimizer, loss_step, ids, variant: str):
+    """One full step as every variant is timed: ``(loss, gradient norm)``, both detached tensors
+    (the loss cloned: a CUDA graph's output is overwritten by its next replay)."""
+    import torch
+
+    if VARIANT_MODE.get(variant) == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
+    loss = loss_step(ids) if loss_step else model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach().clone(), norm.detach()
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    if spec.get("precompile"):
+        # fill the compile caches only: leave kernel-config benchmarking (done at a kernel's first
+        # launch, on a GPU shared with other precompiling workers) to the timed run
+        torch._inductor.config.autotune_local_cache = False
+
+    from chronicals_compile.cli import metrics
+
+    device = spec["device"]
+    variant = spec["variant"]
+    batch, seq = spec["batch"], spec["seq"]
+    result = {k: spec[k] for k in ("shape", "mode", "variant")}
+    try:
+        model, trainable, optimizer, loss_step, vocab = build_variant(spec)
+    except Unavailable as why:
+        return {**result, "status": str(why)}
 
     # The same batches for every variant: a CPU generator, then moved.
     gen = torch.Generator().manual_seed(spec["seed"] + 1)
@@ -283,17 +325,11 @@ def worker(spec: dict) -> dict:
         ids = ids.to(device, non_blocking=True)
         sync()
         t0 = time.perf_counter()
-        if VARIANT_MODE.get(variant) == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
-        loss = loss_step(ids) if loss_step else model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, norm = training_step(model, trainable, optimizer, loss_step, ids, variant)
         sync()
         times.append(time.perf_counter() - t0)
-        losses.append(loss.detach().clone())  # a CUDA graph's output is overwritten by its next replay
-        norms.append(norm.detach())
+        losses.append(loss)
+        norms.append(norm)
         del loss
     clocks.stop()
     losses = [float(x) for x in losses]

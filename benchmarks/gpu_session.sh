@@ -40,6 +40,11 @@
 #   e2e-pdl=330     Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-pdl, inductor-pdl (Inductor's Programmatic
 #                   Dependent Launch, ours and plain compile's); $E2E_PDL_VARIANTS overrides (e.g. add chronicals-nomix, inductor-nomix, chronicals-pdl-nomix,
 #                   chronicals-combo, chronicals-keep-w1)
+#   e2e-paired=420  Qwen0.5B 8x2048 full FT, every variant in one process, one step of each per round in a
+#                   rotating order (e2e_paired.py): median paired ratios with distribution-free 95% intervals, for
+#                   levers smaller than e2e's 0.6% run-to-run spread; $E2E_PAIRED_VARIANTS (default inductor,
+#                   chronicals, chronicals-levers27, chronicals-pdl, chronicals-nomix, chronicals-keep-w1, inductor-pdl),
+#                   $E2E_PAIRED_ROUNDS (default 30)
 #   e2e-rope=300   Qwen0.5B 8x2048 full FT: inductor, chronicals, chronicals-rope (our RoPE op, off on CUDA), -cudagraphs, -rope-cudagraphs
 #   concat-micro=60 linears on one input apart vs one GEMM (bench_concat_linear.py), fwd+bwd, no compile
 #   mlp-epilogue=120  a Triton GEMM with the SwiGLU math in its epilogue vs cuBLAS + Inductor's kernel (bench_mlp_epilogue.py)
@@ -141,6 +146,10 @@ for stage in "${stages[@]}"; do
            --variants inductor,chronicals,chronicals-gqa,chronicals-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
     e2e-pdl) timeout "${secs:-330}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_pdl \
            --variants "${E2E_PDL_VARIANTS:-inductor,chronicals,chronicals-pdl,inductor-pdl}" 2>&1 | grep "^e2e:\|^|" ;;
+    e2e-paired) timeout "${secs:-420}" python3 benchmarks/e2e_paired.py --commit "$COMMIT" --out "$OUT" --name e2e_paired \
+           --precompile "${E2E_PRECOMPILE:-3}" --budget $(( ${secs:-420} - 15 )) --rounds "${E2E_PAIRED_ROUNDS:-30}" \
+           --variants "${E2E_PAIRED_VARIANTS:-inductor,chronicals,chronicals-levers27,chronicals-pdl,chronicals-nomix,chronicals-keep-w1,inductor-pdl}" \
+           2>&1 | grep "^e2e_paired:\|^|" ;;
     e2e-rope) timeout "${secs:-300}" $E2E --shapes qwen0.5b-8x2048 --modes full --name e2e_rope \
            --variants inductor,chronicals,chronicals-rope,chronicals-cudagraphs,chronicals-rope-cudagraphs 2>&1 | grep "^e2e:\|^|" ;;
     concat-micro) timeout "${secs:-60}" python3 benchmarks/bench_concat_linear.py 2>&1 | tee "$OUT/concat_micro.md" | grep "^|" ;;
