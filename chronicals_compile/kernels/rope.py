@@ -26,6 +26,12 @@ the rotated width. No copies are made. Math is fp32, rounded once on store.
 Grid: axis 0 walks blocks of ``BLOCK_R`` (batch, position) rows; axis 1 walks head blocks of q,
 then head blocks of k, so one launch rotates both and each program loads its cos/sin rows once
 for ``BLOCK_H`` heads.
+
+Offsets are 32-bit unless some address the grid forms (masked lanes included) reaches 2**31
+(``needs_int64``): the kernel is bandwidth-bound but its 3-D tiles do several index operations per
+element, and 64-bit integer math costs two to four times 32-bit on the SM. At Qwen2.5-0.5B's shape
+the 64-bit kernel ran at 69% of copy bandwidth on the H200 where Liger's and Inductor's (32-bit
+indexing) ran at 81-86% (results/2026-11-28-h200-session2/micro.json).
 """
 from __future__ import annotations
 
@@ -36,16 +42,20 @@ import triton.language as tl
 
 @triton.jit
 def _rotate_tile(X, O, b, s, row_ok, heads, H, half, step, partner,
-                 sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, c2, sa, sb, BLOCK_D2: tl.constexpr):
+                 sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, c2, sa, sb, BLOCK_D2: tl.constexpr,
+                 INDEX_64: tl.constexpr):
     """Rotate one [rows, heads, half] tile of X into O (c1, c2, sa, sb: fp32 [rows, 1, half]).
     Pair j is elements (j * step, j * step + partner): (j, j + half) or, interleaved, (2j, 2j + 1)."""
     cols = tl.arange(0, BLOCK_D2)
-    first = cols.to(tl.int64) * step
+    if INDEX_64:
+        first = cols.to(tl.int64) * step
+        h = heads.to(tl.int64)
+    else:
+        first = cols * step
+        h = heads
     mask = row_ok[:, None, None] & (heads < H)[None, :, None] & (cols < half)[None, None, :]
-    x_off = (b * sxb + s * sxs)[:, None, None] + heads.to(tl.int64)[None, :, None] * sxh \
-        + first[None, None, :] * sxd
-    o_off = (b * sob + s * sos)[:, None, None] + heads.to(tl.int64)[None, :, None] * soh \
-        + first[None, None, :] * sod
+    x_off = (b * sxb + s * sxs)[:, None, None] + h[None, :, None] * sxh + first[None, None, :] * sxd
+    o_off = (b * sob + s * sos)[:, None, None] + h[None, :, None] * soh + first[None, None, :] * sod
     x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + x_off + partner * sxd, mask=mask, other=0.0).to(tl.float32)
     o1 = x1 * c1 + x2 * sa
@@ -61,12 +71,16 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN,
                  sqob, sqoh, sqos, sqod, skob, skoh, skos, skod,
                  scb, scs, scd, ssb, sss, ssd,
                  BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                 BLOCK_HK: tl.constexpr, BLOCK_D2: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+                 BLOCK_HK: tl.constexpr, BLOCK_D2: tl.constexpr, INDEX_64: tl.constexpr):
+    if INDEX_64:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D2).to(tl.int64)
+    else:
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D2)
     row_ok = rows < R
     b = rows // S
     s = rows % S
-    cols = tl.arange(0, BLOCK_D2).to(tl.int64)
     cmask = row_ok[:, None, None] & (cols < half)[None, None, :]
     c_off = (b * scb + s * scs)[:, None, None] + (cols * step)[None, None, :] * scd
     s_off = (b * ssb + s * sss)[:, None, None] + (cols * step)[None, None, :] * ssd
@@ -86,11 +100,11 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN,
     if hb < n_q_blocks:
         q_heads = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
         _rotate_tile(Q, QO, b, s, row_ok, q_heads, HQ, half, step, partner,
-                     sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod, c1, c2, sa, sb, BLOCK_D2)
+                     sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod, c1, c2, sa, sb, BLOCK_D2, INDEX_64)
     else:
         k_heads = (hb - n_q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK)
         _rotate_tile(K, KO, b, s, row_ok, k_heads, HK, half, step, partner,
-                     skb, skh, sks, skd, skob, skoh, skos, skod, c1, c2, sa, sb, BLOCK_D2)
+                     skb, skh, sks, skd, skob, skoh, skos, skod, c1, c2, sa, sb, BLOCK_D2, INDEX_64)
 
 
 #: Elements per program per half-tile: enough to keep 16-byte accesses in flight, small
@@ -119,12 +133,27 @@ def _cos_strides(c: torch.Tensor, b: int, s: int, d: int) -> tuple[int, int, int
     return e.stride(0), e.stride(2), e.stride(3)
 
 
+def needs_int64(rows: int, seq: int, block_r: int, extents: list[tuple[int, int, int, int, int]]) -> bool:
+    """Whether the kernel must form offsets in 64 bits. ``extents``: per tensor, (row-block padded
+    head count, highest column-pair start + partner, batch stride, position stride, head stride)
+    with the column stride folded in; the largest address any lane forms, masked lanes included
+    (padded rows, heads and columns), must stay below 2**31. Symbolic sizes (dynamic shapes) keep
+    64 bits rather than guard on a size."""
+    values = [rows, seq, block_r, *(v for e in extents for v in e)]
+    if any(not isinstance(v, int) for v in values):
+        return True
+    last_row = triton.cdiv(rows, block_r) * block_r - 1
+    b_max, s_max = last_row // seq, min(seq - 1, last_row)
+    return any(b_max * sb + s_max * ss + (heads - 1) * sh + col >= 2**31 for heads, col, sb, ss, sh in extents)
+
+
 def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 q_out: torch.Tensor, k_out: torch.Tensor, backward: bool, interleaved: bool = False,
-                wrap: bool = False) -> None:
+                wrap: bool = False, index_64: bool | None = None) -> None:
     """Rotate ``q`` into ``q_out`` and ``k`` into ``k_out`` (all ``[B, H, S, D]``, any strides).
     ``interleaved``: pairs are (2j, 2j + 1) (GLM's rotate_half) instead of (j, j + D/2).
-    ``wrap``: launched from a ``triton_op`` body (``wrap_triton``, so tracing sees the kernel)."""
+    ``wrap``: launched from a ``triton_op`` body (``wrap_triton``, so tracing sees the kernel).
+    ``index_64``: None decides by :func:`needs_int64`; tests force either path."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] \
             or q.shape[3] % 2 or q_out.shape != q.shape or k_out.shape != k.shape:
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, S, D] with the "
@@ -139,14 +168,29 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     n_q_blocks = triton.cdiv(hq, block_hq)
     n_k_blocks = triton.cdiv(hk, block_hk)
     grid = (triton.cdiv(rows, block_r), n_q_blocks + n_k_blocks)
+    step, partner = (2, 1) if interleaved else (1, half)
+    if index_64 is None:
+        col = (block_d2 - 1) * step + partner  # the highest element a lane's pair reaches
+
+        def extent(t: torch.Tensor, heads: int) -> tuple:
+            return (heads, col * t.stride(3), t.stride(0), t.stride(2), t.stride(1))
+
+        def extent_cs(c: torch.Tensor) -> tuple:
+            sb, ss, sd = _cos_strides(c, bsz, seq, dim)
+            return (1, col * sd, sb, ss, 0)
+
+        index_64 = needs_int64(rows, seq, block_r, [
+            extent(q, n_q_blocks * block_hq), extent(q_out, n_q_blocks * block_hq),
+            extent(k, n_k_blocks * block_hk), extent(k_out, n_k_blocks * block_hk),
+            extent_cs(cos), extent_cs(sin)])
     kernel = torch.library.wrap_triton(_rope_kernel) if wrap else _rope_kernel
     kernel[grid](
         q, k, q_out, k_out, cos, sin,
-        rows, seq, hq, hk, half, 2 if interleaved else 1, 1 if interleaved else half, n_q_blocks,
+        rows, seq, hq, hk, half, step, partner, n_q_blocks,
         *_strides4(q), *_strides4(k), *_strides4(q_out), *_strides4(k_out),
         *_cos_strides(cos, bsz, seq, dim), *_cos_strides(sin, bsz, seq, dim),
         BACKWARD=backward, BLOCK_R=block_r, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        BLOCK_D2=block_d2, num_warps=warps)
+        BLOCK_D2=block_d2, INDEX_64=index_64, num_warps=warps)
 
 
 def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

@@ -37,6 +37,23 @@ def test_interleaved_pairs_glm(layout, dtype):
                              cos_kind="random", interleaved=True, seed=9, device="cuda"))
 
 
+@pytest.mark.parametrize("batch,seq,kv_heads,group,head_dim", SHAPES[:2])
+def test_32_and_64_bit_offsets_agree_bit_for_bit(batch, seq, kv_heads, group, head_dim):
+    """The launcher's 32-bit offsets (every real shape here) against the 64-bit kernel, forward and
+    backward, on the GPU's own code: the same elements addressed, the same bits out."""
+    from chronicals_compile.kernels.rope import rope_launch
+
+    q, k, cos, sin, dq_out, dk_out = case.make_inputs(batch, seq, kv_heads, group, head_dim, torch.bfloat16,
+                                                      layout="hf", device="cuda")
+    for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
+        outs = []
+        for wide in (False, True):
+            xo, yo = torch.empty_like(x), torch.empty_like(y)
+            rope_launch(x, y, cos, sin, xo, yo, backward=backward, index_64=wide)
+            outs.append((xo, yo))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_op_through_compile_matches_reference():
     import chronicals_compile.ops  # noqa: F401
 

@@ -90,3 +90,48 @@ def test_nan_and_inf_propagate_like_torch():
     ref_q, ref_k = case.torch_rope(q.double(), k.double(), cos.double(), sin.double())
     assert torch.equal(torch.isnan(q_out), torch.isnan(ref_q))
     assert measure("q_out", q_out, q_out, ref_q).ok and measure("k_out", k_out, k_out, ref_k).ok
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_32_and_64_bit_offsets_give_identical_results(interleaved):
+    """The launcher picks 32-bit offsets where every address fits; both paths address the same
+    elements, so forward and backward agree bit for bit (odd rows, GQA, non-contiguous q/k)."""
+    from chronicals_compile.kernels.rope import rope_launch
+
+    q, k, cos, sin, dq_out, dk_out = case.make_inputs(3, 7, 2, 3, 16, torch.bfloat16, layout="hf",
+                                                      cos_kind="random")
+    for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
+        outs = {}
+        for wide in (False, True):
+            xo, yo = torch.empty_like(x), torch.empty_like(y)
+            rope_launch(x, y, cos, sin, xo, yo, backward=backward, interleaved=interleaved, index_64=wide)
+            outs[wide] = (xo, yo)
+        assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
+        assert not outs[False][0].isnan().any()
+
+
+def test_64_bit_offsets_only_where_an_address_reaches_two_to_the_31():
+    from chronicals_compile.kernels.rope import needs_int64
+
+    # Qwen2.5-0.5B's q as Dynamo hands it: [8, 14, 2048, 64] viewing [8, 2048, 14, 64] (16 heads padded)
+    qwen = (16, 127, 2048 * 896, 896, 64)
+    assert not needs_int64(8 * 2048, 2048, 4, [qwen])
+    # the same layout with 2**31 / (2048 * 896) + 1 sequences in the batch: its last row is past 2**31
+    big_batch = 2**31 // (2048 * 896) + 1
+    assert needs_int64(big_batch * 2048, 2048, 4, [qwen])
+    # one sequence whose last position starts at 2**31 - 2**20: fits; a second sequence at 2**31: does not
+    pos = 2**20
+    assert not needs_int64(2**11, 2**11, 4, [(1, 0, 2**31, pos, 0)])
+    assert needs_int64(2**11 + 1, 2**11, 1, [(1, 0, 2**31, pos, 0)])
+    # no second sequence, but the last row block's padded lanes (2048 rows in blocks of 3) reach it
+    assert needs_int64(2**11, 2**11, 3, [(1, 0, 2**31, pos, 0)])
+    # the column a lane's pair reaches, and padded heads, count too
+    assert needs_int64(2**11, 2**11, 4, [(1, 2**20, 0, pos, 0)])
+    assert not needs_int64(2**11, 2**11, 4, [(1, 2**20 - 1, 0, pos, 0)])
+    assert needs_int64(1, 1, 1, [(2**20 + 1, 0, 0, 0, 2**11)])
+    assert not needs_int64(1, 1, 1, [(2**20, 0, 0, 0, 2**11)])
+    # a symbolic size keeps 64 bits rather than guard on it
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    sym = ShapeEnv().create_unbacked_symint()
+    assert needs_int64(sym, 2048, 4, [qwen])
