@@ -135,3 +135,26 @@ def test_64_bit_offsets_only_where_an_address_reaches_two_to_the_31():
 
     sym = ShapeEnv().create_unbacked_symint()
     assert needs_int64(sym, 2048, 4, [qwen])
+
+
+def test_32_bit_offsets_shrink_the_hopper_code():
+    """benchmarks/rope_sass.py compiled for sm_90 (no GPU needed): the 32-bit program runs the same
+    loads and stores with fewer instructions, so a change that quietly widens the index math again
+    shows here, not only as a slower kernel on the device."""
+    import os
+    import subprocess
+    import sys
+
+    from chronicals_compile.testing.cli_runner import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "rope_sass.py")], env=env,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {}
+    for line in out.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[(cells[0], cells[1])] = [int(c) for c in cells[2:]]
+    for phase in ("fwd", "bwd"):
+        wide, narrow = rows[(phase, "64-bit")], rows[(phase, "32-bit")]
+        assert narrow[-2:] == wide[-2:]  # LDG, STG: the same memory accesses
+        assert narrow[0] < 0.85 * wide[0], (phase, narrow[0], wide[0])
