@@ -93,6 +93,24 @@ def _variants(compile_fn, liger: bool = True, interleaved: bool = False) -> dict
                            lambda s: rope_backward(*grads(s), s["gq"].dtype, s["gk"].dtype, interleaved=interleaved),
                            ours_op),
     }
+    # the kernel as it was before 32-bit offsets (session 28): the A/B of that change in one run
+    class Wide(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, cos, sin):
+            ctx.save_for_backward(cos, sin)
+            ctx.dtypes = (q.dtype, k.dtype)
+            return rope_forward(q, k, cos, sin, interleaved=interleaved, index_64=True)
+
+        @staticmethod
+        def backward(ctx, gq, gk):
+            cos, sin = ctx.saved_tensors
+            return (*rope_backward(gq, gk, cos, sin, *ctx.dtypes, interleaved=interleaved, index_64=True),
+                    None, None)
+
+    variants["chronicals-64bit"] = impl(
+        lambda q, k, cos, sin: rope_forward(q, k, cos, sin, interleaved=interleaved, index_64=True),
+        lambda s: rope_backward(*grads(s), s["gq"].dtype, s["gk"].dtype, interleaved=interleaved, index_64=True),
+        Wide.apply)
     if liger and not interleaved:
         try:
             from liger_kernel.ops.rope import LigerRopeFunction as L

@@ -26,6 +26,7 @@ import common  # noqa: E402
 STAND_IN_MS = 0.001  # every "timing" is 1 microsecond: GB/s = bytes / 1e3 exactly
 COPY_GBPS = 100.0
 VARIANTS = ["eager", "torch.compile", "chronicals"]
+ROPE_VARIANTS = VARIANTS + ["chronicals-64bit"]  # the kernel before 32-bit offsets, beside it
 
 
 def _timer(calls):
@@ -92,10 +93,10 @@ def test_fake_ctx_runs_a_function_like_autograd():
     torch.testing.assert_close(Square.backward(ctx, g), expected)
 
 
-def _check_rows(rows, labels, phase_bytes):
+def _check_rows(rows, labels, phase_bytes, variants=VARIANTS):
     """Every (shape, phase, variant) once, no error, figures consistent with the byte formulas."""
     got = {(r["shape"], r["phase"], r["variant"]) for r in rows}
-    want = {(lab, ph, v) for lab in labels for ph in common.PHASES for v in VARIANTS}
+    want = {(lab, ph, v) for lab in labels for ph in common.PHASES for v in variants}
     assert got == want and len(rows) == len(want)
     for r in rows:
         assert "error" not in r, r
@@ -112,7 +113,7 @@ def _check_rows(rows, labels, phase_bytes):
     # rows read shape by shape, phase by phase, variants side by side
     for lab in labels:
         block = [r for r in rows if r["shape"] == lab]
-        assert [(r["phase"], r["variant"]) for r in block] == [(p, v) for p in common.PHASES for v in VARIANTS]
+        assert [(r["phase"], r["variant"]) for r in block] == [(p, v) for p in common.PHASES for v in variants]
 
 
 def test_rms_norm_bench_rows():
@@ -152,7 +153,7 @@ def test_rope_bench_rows():
     rows = bench_rope.run("cpu", torch.float32, COPY_GBPS, shapes=[shape], compile_fn=_aot_eager,
                           timers={"cudagraph": timer, "do_bench": timer}, liger=False, log=None)
     label = "B2 S4 Hq4 Hk2 D16"
-    _check_rows(rows, [label], {label: bench_rope.phase_bytes(*shape, torch.float32)})
+    _check_rows(rows, [label], {label: bench_rope.phase_bytes(*shape, torch.float32)}, ROPE_VARIANTS)
 
 
 def test_rope_bench_rows_interleaved():
@@ -160,7 +161,7 @@ def test_rope_bench_rows_interleaved():
     rows = bench_rope.run("cpu", torch.float32, COPY_GBPS, shapes=[(2, 4, 4, 2, 16, True)], compile_fn=_aot_eager,
                           timers={"cudagraph": timer, "do_bench": timer}, liger=False, log=None)
     label = "B2 S4 Hq4 Hk2 D16 interleaved"
-    _check_rows(rows, [label], {label: bench_rope.phase_bytes(2, 4, 4, 2, 16, torch.float32)})
+    _check_rows(rows, [label], {label: bench_rope.phase_bytes(2, 4, 4, 2, 16, torch.float32)}, ROPE_VARIANTS)
 
 
 def test_a_failing_variant_is_a_row_not_a_crash():

@@ -193,20 +193,21 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
         BLOCK_D2=block_d2, INDEX_64=index_64, num_warps=warps)
 
 
-def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, interleaved: bool = False, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 interleaved: bool = False, wrap: bool = False,
+                 index_64: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated ``(q, k)``; each output keeps its input's memory layout, in the promoted dtype."""
     q_out = torch.empty_like(q, dtype=torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype))
     k_out = torch.empty_like(k, dtype=torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype))
-    rope_launch(q, k, cos, sin, q_out, k_out, backward=False, interleaved=interleaved, wrap=wrap)
+    rope_launch(q, k, cos, sin, q_out, k_out, backward=False, interleaved=interleaved, wrap=wrap, index_64=index_64)
     return q_out, k_out
 
 
 def rope_backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  q_dtype: torch.dtype, k_dtype: torch.dtype,
-                  interleaved: bool = False, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  q_dtype: torch.dtype, k_dtype: torch.dtype, interleaved: bool = False, wrap: bool = False,
+                  index_64: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dq, dk)`` in q's and k's dtypes, laid out like the incoming gradients."""
     dq = torch.empty_like(dq_out, dtype=q_dtype)
     dk = torch.empty_like(dk_out, dtype=k_dtype)
-    rope_launch(dq_out, dk_out, cos, sin, dq, dk, backward=True, interleaved=interleaved, wrap=wrap)
+    rope_launch(dq_out, dk_out, cos, sin, dq, dk, backward=True, interleaved=interleaved, wrap=wrap, index_64=index_64)
     return dq, dk
