@@ -43,6 +43,7 @@ for path in (HERE, REPO):
         sys.path.insert(0, path)
 
 import e2e  # noqa: E402
+from common import median  # noqa: E402
 
 CONFIDENCE = 0.95
 
@@ -58,14 +59,6 @@ def refused(variant: str) -> str | None:
     if variant.startswith("liger"):
         return f"{variant} patches transformers' classes for the whole process; time it with benchmarks/e2e.py"
     return None
-
-
-def median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    if n == 0:
-        return float("nan")
-    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
 
 def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
@@ -183,7 +176,7 @@ def main(argv=None) -> int:
         spent = e2e.precompile(list(specs.values()), args.precompile, timeout=args.budget / 2 if args.budget else 600)
         print(f"e2e_paired: precompiled in {spent:.0f} s, {args.precompile} at a time", flush=True)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    vocab_of_preset = None
+    batches = None  # drawn once the first build gives the vocabulary
     runs: dict[str, dict] = {}
     built: dict[str, tuple] = {}
     for variant in variants:
@@ -194,8 +187,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             model, trainable, optimizer, loss_step, vocab = e2e.build_variant(spec)
-            if vocab_of_preset is None:
-                vocab_of_preset = vocab
+            if batches is None:
                 batches = [torch.randint(0, vocab, (batch, seq), generator=gen)
                            for _ in range(args.warmup + args.rounds)]
             for i in range(args.warmup):
@@ -288,6 +280,11 @@ def summarize(runs: dict, variants: list[str], baselines: list[str], timed: dict
 
     reference = runs[variants[0]]
     tokens = batch * seq
+    peak = None
+    if device.startswith("cuda"):
+        import torch
+
+        peak = metrics.peak_bf16_flops(torch.cuda.get_device_name())
     results = []
     for variant in variants:
         run = dict(runs[variant])
@@ -295,12 +292,7 @@ def summarize(runs: dict, variants: list[str], baselines: list[str], timed: dict
             step = median(timed[variant])
             run["step_ms"] = step * 1e3
             run["tokens_per_s"] = tokens / step
-            name = None
-            if device.startswith("cuda"):
-                import torch
-
-                name = torch.cuda.get_device_name()
-            run["mfu"] = metrics.mfu(run["flops_per_token"], batch * (seq - 1) / step, metrics.peak_bf16_flops(name))
+            run["mfu"] = metrics.mfu(run["flops_per_token"], batch * (seq - 1) / step, peak)
             run["versus"] = {}
             for b in baselines:
                 if b == variant or b not in timed or not timed[b]:

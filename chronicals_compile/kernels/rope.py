@@ -169,26 +169,27 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     n_k_blocks = triton.cdiv(hk, block_hk)
     grid = (triton.cdiv(rows, block_r), n_q_blocks + n_k_blocks)
     step, partner = (2, 1) if interleaved else (1, half)
+    cos_strides, sin_strides = _cos_strides(cos, bsz, seq, dim), _cos_strides(sin, bsz, seq, dim)
     if index_64 is None:
         col = (block_d2 - 1) * step + partner  # the highest element a lane's pair reaches
 
         def extent(t: torch.Tensor, heads: int) -> tuple:
             return (heads, col * t.stride(3), t.stride(0), t.stride(2), t.stride(1))
 
-        def extent_cs(c: torch.Tensor) -> tuple:
-            sb, ss, sd = _cos_strides(c, bsz, seq, dim)
+        def extent_cs(strides: tuple[int, int, int]) -> tuple:
+            sb, ss, sd = strides
             return (1, col * sd, sb, ss, 0)
 
         index_64 = needs_int64(rows, seq, block_r, [
             extent(q, n_q_blocks * block_hq), extent(q_out, n_q_blocks * block_hq),
             extent(k, n_k_blocks * block_hk), extent(k_out, n_k_blocks * block_hk),
-            extent_cs(cos), extent_cs(sin)])
+            extent_cs(cos_strides), extent_cs(sin_strides)])
     kernel = torch.library.wrap_triton(_rope_kernel) if wrap else _rope_kernel
     kernel[grid](
         q, k, q_out, k_out, cos, sin,
         rows, seq, hq, hk, half, step, partner, n_q_blocks,
         *_strides4(q), *_strides4(k), *_strides4(q_out), *_strides4(k_out),
-        *_cos_strides(cos, bsz, seq, dim), *_cos_strides(sin, bsz, seq, dim),
+        *cos_strides, *sin_strides,
         BACKWARD=backward, BLOCK_R=block_r, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
         BLOCK_D2=block_d2, INDEX_64=index_64, num_warps=warps)
 
