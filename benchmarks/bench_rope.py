@@ -93,24 +93,27 @@ def _variants(compile_fn, liger: bool = True, interleaved: bool = False) -> dict
                            lambda s: rope_backward(*grads(s), s["gq"].dtype, s["gk"].dtype, interleaved=interleaved),
                            ours_op),
     }
-    # the kernel as it was before 32-bit offsets (session 28): the A/B of that change in one run
-    class Wide(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, cos, sin):
-            ctx.save_for_backward(cos, sin)
-            ctx.dtypes = (q.dtype, k.dtype)
-            return rope_forward(q, k, cos, sin, interleaved=interleaved, index_64=True)
+    # the kernel as it was before session 28 (64-bit offsets, k in q's row block) and as session 28
+    # left it (32-bit offsets, shared row block): the A/B of both changes in one run
+    def old_kernel(**how):
+        class Old(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, cos, sin):
+                ctx.save_for_backward(cos, sin)
+                ctx.dtypes = (q.dtype, k.dtype)
+                return rope_forward(q, k, cos, sin, interleaved=interleaved, **how)
 
-        @staticmethod
-        def backward(ctx, gq, gk):
-            cos, sin = ctx.saved_tensors
-            return (*rope_backward(gq, gk, cos, sin, *ctx.dtypes, interleaved=interleaved, index_64=True),
-                    None, None)
+            @staticmethod
+            def backward(ctx, gq, gk):
+                cos, sin = ctx.saved_tensors
+                return (*rope_backward(gq, gk, cos, sin, *ctx.dtypes, interleaved=interleaved, **how), None, None)
 
-    variants["chronicals-64bit"] = impl(
-        lambda q, k, cos, sin: rope_forward(q, k, cos, sin, interleaved=interleaved, index_64=True),
-        lambda s: rope_backward(*grads(s), s["gq"].dtype, s["gk"].dtype, interleaved=interleaved, index_64=True),
-        Wide.apply)
+        return impl(lambda q, k, cos, sin: rope_forward(q, k, cos, sin, interleaved=interleaved, **how),
+                    lambda s: rope_backward(*grads(s), s["gq"].dtype, s["gk"].dtype, interleaved=interleaved, **how),
+                    Old.apply)
+
+    variants["chronicals-shared-rows"] = old_kernel(shared_rows=True)
+    variants["chronicals-64bit"] = old_kernel(shared_rows=True, index_64=True)
     if liger and not interleaved:
         try:
             from liger_kernel.ops.rope import LigerRopeFunction as L

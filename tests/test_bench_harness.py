@@ -26,7 +26,7 @@ import common  # noqa: E402
 STAND_IN_MS = 0.001  # every "timing" is 1 microsecond: GB/s = bytes / 1e3 exactly
 COPY_GBPS = 100.0
 VARIANTS = ["eager", "torch.compile", "chronicals"]
-ROPE_VARIANTS = VARIANTS + ["chronicals-64bit"]  # the kernel before 32-bit offsets, beside it
+ROPE_VARIANTS = VARIANTS + ["chronicals-shared-rows", "chronicals-64bit"]  # the kernel at sessions 28 and 27
 
 
 def _timer(calls):

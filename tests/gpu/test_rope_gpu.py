@@ -54,6 +54,23 @@ def test_32_and_64_bit_offsets_agree_bit_for_bit(batch, seq, kv_heads, group, he
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("batch,seq,kv_heads,group,head_dim", SHAPES[:2])
+def test_row_block_per_tensor_agrees_with_the_shared_row_block(batch, seq, kv_heads, group, head_dim):
+    """k in its own row block (session 29) against k in q's (the kernel before), both with the
+    launcher's offset width, forward and backward: the same bits out."""
+    from chronicals_compile.kernels.rope import rope_launch
+
+    q, k, cos, sin, dq_out, dk_out = case.make_inputs(batch, seq, kv_heads, group, head_dim, torch.bfloat16,
+                                                      layout="hf", device="cuda", seed=3)
+    for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
+        outs = []
+        for shared in (False, True):
+            xo, yo = torch.empty_like(x), torch.empty_like(y)
+            rope_launch(x, y, cos, sin, xo, yo, backward=backward, shared_rows=shared)
+            outs.append((xo, yo))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_op_through_compile_matches_reference():
     import chronicals_compile.ops  # noqa: F401
 

@@ -137,10 +137,12 @@ def test_64_bit_offsets_only_where_an_address_reaches_two_to_the_31():
     assert needs_int64(sym, 2048, 4, [qwen])
 
 
-def test_32_bit_offsets_shrink_the_hopper_code():
-    """benchmarks/rope_sass.py compiled for sm_90 (no GPU needed): the 32-bit program runs the same
-    loads and stores with fewer instructions, so a change that quietly widens the index math again
-    shows here, not only as a slower kernel on the device."""
+def test_32_bit_offsets_and_row_blocks_per_tensor_shrink_the_hopper_code():
+    """benchmarks/rope_sass.py compiled for sm_90 (no GPU needed). 32-bit offsets: each path runs
+    the same loads and stores with fewer instructions. A row block per tensor: k's programs carry as
+    many elements as q's, and the launch executes fewer instructions per element. A change that
+    quietly widens the index math again, or shrinks k's tiles, shows here, not only as a slower
+    kernel on the device."""
     import os
     import subprocess
     import sys
@@ -153,8 +155,38 @@ def test_32_bit_offsets_shrink_the_hopper_code():
     rows = {}
     for line in out.splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        rows[(cells[0], cells[1])] = [int(c) for c in cells[2:]]
+        rows[tuple(cells[:4])] = [float(c) for c in cells[4:]]
+    assert len(rows) == 16
+    programs, elements, instructions, ldg, stg, per_element = 0, 1, 2, -3, -2, -1
     for phase in ("fwd", "bwd"):
-        wide, narrow = rows[(phase, "64-bit")], rows[(phase, "32-bit")]
-        assert narrow[-2:] == wide[-2:]  # LDG, STG: the same memory accesses
-        assert narrow[0] < 0.85 * wide[0], (phase, narrow[0], wide[0])
+        for blocks in ("shared", "per-tensor"):
+            for path in ("q", "k"):
+                wide, narrow = rows[(phase, blocks, "64-bit", path)], rows[(phase, blocks, "32-bit", path)]
+                assert (narrow[ldg], narrow[stg]) == (wide[ldg], wide[stg])
+                assert narrow[instructions] < 0.85 * wide[instructions], (phase, blocks, path)
+        shared_k, own_k = rows[(phase, "shared", "32-bit", "k")], rows[(phase, "per-tensor", "32-bit", "k")]
+        own_q = rows[(phase, "per-tensor", "32-bit", "q")]
+        assert shared_k[elements] == 512 and own_k[elements] == own_q[elements] == 4096
+        assert own_k[programs] * 8 == shared_k[programs]
+        assert own_k[per_element] < 0.9 * shared_k[per_element]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_row_block_per_tensor_and_shared_row_block_agree_bit_for_bit(interleaved):
+    """k's own row block only regroups the same per-element arithmetic, so both tilings give the
+    same bits; odd rows (the last block padded), GQA and non-contiguous q/k, forward and backward."""
+    from chronicals_compile.kernels.rope import _blocks, rope_launch
+
+    assert _blocks(14, 2, 32) == (4, 16, 4, 32, 2, 4, 32)  # Qwen2.5-0.5B: k's tile 32 rows x 2 heads
+    assert _blocks(14, 2, 32, shared_rows=True)[3] == 4
+    for bsz, seq, kv, group, d in ((3, 7, 2, 3, 16), (1, 37, 1, 14, 64), (2, 1, 4, 2, 32)):
+        q, k, cos, sin, dq_out, dk_out = case.make_inputs(bsz, seq, kv, group, d, torch.bfloat16, layout="hf",
+                                                          cos_kind="random")
+        for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
+            outs = {}
+            for shared in (False, True):
+                xo, yo = torch.empty_like(x), torch.empty_like(y)
+                rope_launch(x, y, cos, sin, xo, yo, backward=backward, interleaved=interleaved, shared_rows=shared)
+                outs[shared] = (xo, yo)
+            assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
+            assert not outs[False][1].isnan().any()
