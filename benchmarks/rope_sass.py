@@ -2,7 +2,8 @@
 without a GPU (Triton compiles to a cubin, its bundled nvdisasm lists the SASS).
 
 Why: a program is straight-line code (no loops) on one of two paths, q or k, so the static count of
-a path is what each of its programs executes, and programs x path length is the launch's work. The
+a path is what each warp of its programs issues, and programs x warps x path length is the
+launch's issue work. The
 kernel ran at 69% of copy bandwidth on the H200 where Liger's and Inductor's ran at 81-86%
 (results/2026-11-28-h200-session2/micro.json). Two changes are measured here: 32-bit offsets
 wherever they fit (``kernels.rope.needs_int64``, session 28) and a row block per tensor (session
@@ -92,7 +93,8 @@ def table() -> list[dict]:
             tiles = tiling(shared)
             for wide in (True, False):
                 paths = {t: sass_counts(wide, backward, tiles[t]) for t in ("q", "k")}
-                executed = sum(tiles[t]["programs"] * sum(paths[t].values()) for t in paths)
+                # warp instructions: every warp of a program issues its path once
+                executed = sum(tiles[t]["programs"] * tiles[t]["num_warps"] * sum(paths[t].values()) for t in paths)
                 for t, ops in paths.items():
                     rows.append({"phase": "bwd" if backward else "fwd", "rows": "shared" if shared else "per-tensor",
                                  "offsets": "64-bit" if wide else "32-bit", "path": t,
@@ -108,7 +110,7 @@ def main() -> int:
         return 2
     cols = ("IMAD", "IADD3", "LEA", "ISETP", "LDG", "STG")
     print("| phase | row blocks | offsets | path | programs | elements a program | SASS instructions a program | "
-          + " | ".join(cols) + " | launch: instructions per element |")
+          + " | ".join(cols) + " | launch: warp instructions per element |")
     print("|---" * (8 + len(cols)) + "|")
     for r in table():
         print(f"| {r['phase']} | {r['rows']} | {r['offsets']} | {r['path']} | {r['programs']} | {r['elements']} | "
