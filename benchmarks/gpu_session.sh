@@ -62,7 +62,8 @@
 #   forward-host=240  cProfile of the compiled training forward, inductor vs chronicals (bench_forward_host.py)
 #   host-overhead=120  host time per call of a layer's ops, GPU busy (bench_host_overhead.py); cProfile of QuACK's call
 #   profile-lora=180  the same for LoRA r=32 with bf16 adapters
-#   micro-rope=90   kernel-only microbenchmark of rope (ours with 32-bit offsets, Liger, Inductor, eager)
+#   micro-rope=90   kernel-only microbenchmark of rope (ours; session 28's and the 64-bit kernel; Liger, Inductor, eager)
+#   preamble=150    host time from a step's call to its compiled forward, guards apart (step_preamble.py; host only)
 #   micro=400       kernel-only microbenchmarks of rms_norm, add_rms_norm, swiglu, rope
 #   lce=300         cut cross-entropy sweep (bench_linear_cross_entropy.py --sweep)
 #   rms-sweep=240   RMSNorm backward launch shapes (programs per SM x rows per step) vs eager/Inductor
@@ -180,6 +181,7 @@ for stage in "${stages[@]}"; do
            --lora-r 32 --lora-adapter-dtype model --variants "${PROFILE_VARIANTS:-inductor,chronicals}" 2>&1 | grep -v Warning | tail -30 ;;
     micro-rope) timeout "${secs:-90}" python3 benchmarks/gpu_micro.py --ops rope --out "$OUT" 2>&1 \
            | grep -v Warning | grep "^##\|^|" ;;
+    preamble) timeout "${secs:-150}" python3 benchmarks/step_preamble.py --device cuda --out "$OUT" 2>&1 | grep "^|" ;;
     micro) timeout "${secs:-400}" python3 benchmarks/gpu_micro.py --ops rms_norm add_rms_norm swiglu rope --out "$OUT" 2>&1 \
            | grep -v Warning | grep "^##\|^|" ;;
     lce) timeout "${secs:-300}" python3 benchmarks/bench_linear_cross_entropy.py --sweep 2>&1 \
