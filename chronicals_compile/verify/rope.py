@@ -80,6 +80,22 @@ def make_inputs(batch: int, seq: int, kv_heads: int, group: int, head_dim: int, 
     return q, k, cos, sin, dq_out, dk_out
 
 
+def launches_side_by_side(inputs: tuple, first: dict, second: dict, interleaved: bool = False):
+    """For the forward and then the backward launch: ``((q_out, k_out) with ``first``, (q_out, k_out)
+    with ``second``)``, ``first``/``second`` being ``rope_launch`` options (offset width, tiling)
+    whose outputs must agree bit for bit. ``inputs``: :func:`make_inputs`'s tuple."""
+    from ..kernels.rope import rope_launch
+
+    q, k, cos, sin, dq_out, dk_out = inputs
+    for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
+        outs = []
+        for options in (first, second):
+            xo, yo = torch.empty_like(x), torch.empty_like(y)
+            rope_launch(x, y, cos, sin, xo, yo, backward=backward, interleaved=interleaved, **options)
+            outs.append((xo, yo))
+        yield outs[0], outs[1]
+
+
 def check(batch: int, seq: int, kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
           cos_dtype: str = "same", layout: str = "hf", cos_batch: bool = False, cos_kind: str = "rotary",
           interleaved: bool = False, seed: int = 0, device: str = "cpu") -> list[Measurement]:

@@ -41,34 +41,19 @@ def test_interleaved_pairs_glm(layout, dtype):
 def test_32_and_64_bit_offsets_agree_bit_for_bit(batch, seq, kv_heads, group, head_dim):
     """The launcher's 32-bit offsets (every real shape here) against the 64-bit kernel, forward and
     backward, on the GPU's own code: the same elements addressed, the same bits out."""
-    from chronicals_compile.kernels.rope import rope_launch
-
-    q, k, cos, sin, dq_out, dk_out = case.make_inputs(batch, seq, kv_heads, group, head_dim, torch.bfloat16,
-                                                      layout="hf", device="cuda")
-    for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
-        outs = []
-        for wide in (False, True):
-            xo, yo = torch.empty_like(x), torch.empty_like(y)
-            rope_launch(x, y, cos, sin, xo, yo, backward=backward, index_64=wide)
-            outs.append((xo, yo))
-        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    inputs = case.make_inputs(batch, seq, kv_heads, group, head_dim, torch.bfloat16, layout="hf", device="cuda")
+    for narrow, wide in case.launches_side_by_side(inputs, {"index_64": False}, {"index_64": True}):
+        assert torch.equal(narrow[0], wide[0]) and torch.equal(narrow[1], wide[1])
 
 
 @pytest.mark.parametrize("batch,seq,kv_heads,group,head_dim", SHAPES[:2])
 def test_row_block_per_tensor_agrees_with_the_shared_row_block(batch, seq, kv_heads, group, head_dim):
     """k in its own row block (session 29) against k in q's (the kernel before), both with the
     launcher's offset width, forward and backward: the same bits out."""
-    from chronicals_compile.kernels.rope import rope_launch
-
-    q, k, cos, sin, dq_out, dk_out = case.make_inputs(batch, seq, kv_heads, group, head_dim, torch.bfloat16,
-                                                      layout="hf", device="cuda", seed=3)
-    for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
-        outs = []
-        for shared in (False, True):
-            xo, yo = torch.empty_like(x), torch.empty_like(y)
-            rope_launch(x, y, cos, sin, xo, yo, backward=backward, shared_rows=shared)
-            outs.append((xo, yo))
-        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    inputs = case.make_inputs(batch, seq, kv_heads, group, head_dim, torch.bfloat16, layout="hf", device="cuda",
+                              seed=3)
+    for own, shared in case.launches_side_by_side(inputs, {}, {"shared_rows": True}):
+        assert torch.equal(own[0], shared[0]) and torch.equal(own[1], shared[1])
 
 
 def test_op_through_compile_matches_reference():

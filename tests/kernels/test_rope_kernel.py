@@ -96,18 +96,10 @@ def test_nan_and_inf_propagate_like_torch():
 def test_32_and_64_bit_offsets_give_identical_results(interleaved):
     """The launcher picks 32-bit offsets where every address fits; both paths address the same
     elements, so forward and backward agree bit for bit (odd rows, GQA, non-contiguous q/k)."""
-    from chronicals_compile.kernels.rope import rope_launch
-
-    q, k, cos, sin, dq_out, dk_out = case.make_inputs(3, 7, 2, 3, 16, torch.bfloat16, layout="hf",
-                                                      cos_kind="random")
-    for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
-        outs = {}
-        for wide in (False, True):
-            xo, yo = torch.empty_like(x), torch.empty_like(y)
-            rope_launch(x, y, cos, sin, xo, yo, backward=backward, interleaved=interleaved, index_64=wide)
-            outs[wide] = (xo, yo)
-        assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
-        assert not outs[False][0].isnan().any()
+    inputs = case.make_inputs(3, 7, 2, 3, 16, torch.bfloat16, layout="hf", cos_kind="random")
+    for narrow, wide in case.launches_side_by_side(inputs, {"index_64": False}, {"index_64": True}, interleaved):
+        assert torch.equal(narrow[0], wide[0]) and torch.equal(narrow[1], wide[1])
+        assert not narrow[0].isnan().any()
 
 
 def test_64_bit_offsets_only_where_an_address_reaches_two_to_the_31():
@@ -175,18 +167,12 @@ def test_32_bit_offsets_and_row_blocks_per_tensor_shrink_the_hopper_code():
 def test_row_block_per_tensor_and_shared_row_block_agree_bit_for_bit(interleaved):
     """k's own row block only regroups the same per-element arithmetic, so both tilings give the
     same bits; odd rows (the last block padded), GQA and non-contiguous q/k, forward and backward."""
-    from chronicals_compile.kernels.rope import _blocks, rope_launch
+    from chronicals_compile.kernels.rope import _blocks
 
     assert _blocks(14, 2, 32) == (4, 16, 4, 32, 2, 4, 32)  # Qwen2.5-0.5B: k's tile 32 rows x 2 heads
     assert _blocks(14, 2, 32, shared_rows=True)[3] == 4
     for bsz, seq, kv, group, d in ((3, 7, 2, 3, 16), (1, 37, 1, 14, 64), (2, 1, 4, 2, 32)):
-        q, k, cos, sin, dq_out, dk_out = case.make_inputs(bsz, seq, kv, group, d, torch.bfloat16, layout="hf",
-                                                          cos_kind="random")
-        for backward, (x, y) in ((False, (q, k)), (True, (dq_out, dk_out))):
-            outs = {}
-            for shared in (False, True):
-                xo, yo = torch.empty_like(x), torch.empty_like(y)
-                rope_launch(x, y, cos, sin, xo, yo, backward=backward, interleaved=interleaved, shared_rows=shared)
-                outs[shared] = (xo, yo)
-            assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
-            assert not outs[False][1].isnan().any()
+        inputs = case.make_inputs(bsz, seq, kv, group, d, torch.bfloat16, layout="hf", cos_kind="random")
+        for own, shared in case.launches_side_by_side(inputs, {}, {"shared_rows": True}, interleaved):
+            assert torch.equal(own[0], shared[0]) and torch.equal(own[1], shared[1])
+            assert not own[1].isnan().any()
